@@ -245,3 +245,69 @@ def load_vae(name, device):
     except Exception as e:  # noqa: BLE001 (hub, path and format errors all mean the same to a user)
         die(f"--vae {name}: cannot load an AutoencoderKL ({type(e).__name__}: {str(e).splitlines()[0]}); "
             "give ema, mse, a diffusers hub id, a local directory, or none")
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def model_config(state_dict, model_name, encoder_depth=8):
+    """Constructor kwargs of a registry model, read off the shapes of a state dict."""
+    sd = state_dict
+    w = sd["x_embedder.proj.weight"]                       # (hidden, C, p, p)
+    hidden, in_ch, p = w.shape[0], w.shape[1], w.shape[2]
+    out = sd["final_layer.linear.weight"].shape[0] // (p * p)
+    cfg = dict(input_size=int(round(sd["pos_embed"].shape[1] ** 0.5)) * p, in_channels=in_ch,
+               learn_sigma=out == 2 * in_ch, qk_norm="blocks.0.attn.q_norm.weight" in sd)
+    if "y_embedder.text_emb" in sd:
+        nc, L, Dt = sd["y_embedder.text_emb"].shape
+        cfg.update(num_classes=nc, text_len=L, text_dim=Dt)
+    else:
+        rows = sd["y_embedder.embedding_table.weight"].shape[0]
+        cfg.update(num_classes=rows - 1, class_dropout_prob=0.1)
+    z = sorted(k for k in sd if k.startswith("projectors.") and k.endswith(".4.weight"))
+    if z:
+        cfg.update(z_dims=[sd[k].shape[0] for k in z], projector_dim=sd[z[0]].shape[1], encoder_depth=encoder_depth)
+    return cfg
+
+
+def load_model(ckpt_path, model_name=None, use_ema=True, device="cpu"):
+    """
+    Load our train.py checkpoints (config stored inside) or the public ones: DiT-XL-2-256/512
+    (a bare state dict), SiT-XL-2-256 (bare; reverse time), REPA's last.pt ({"ema", "args"}).
+    model_name is needed only for bare public files. Returns (model in eval mode, info) with
+    info = {"model": name, "objective": "ddpm"|"sit", "reverse_time": bool, "meta": dict|None,
+    "config": kwargs}. The network is not wrapped: diffusion.ReverseTime adapts reverse time.
+    """
+    import models
+    if not os.path.exists(ckpt_path):
+        die(f"--ckpt {ckpt_path} does not exist")
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001
+        die(f"--ckpt {ckpt_path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})")
+    if isinstance(ckpt, dict) and "config" in ckpt:             # ours
+        name, cfg, meta, reverse = ckpt["config"]["model"], dict(ckpt["config"]["kwargs"]), ckpt.get("meta"), False
+        sd = ckpt["ema" if use_ema else "model"]
+    else:                                                       # public
+        args = ckpt.get("args") if isinstance(ckpt, dict) else None
+        sd = ckpt.get("ema", ckpt) if isinstance(ckpt, dict) else ckpt
+        if not isinstance(sd, dict) or "x_embedder.proj.weight" not in sd:
+            die(f"--ckpt {ckpt_path} holds no DiT/SiT state dict (no x_embedder.proj.weight)")
+        args = vars(args) if args is not None and not isinstance(args, dict) else (args or {})
+        name = model_name or args.get("model")
+        if name is None:
+            die(f"--ckpt {ckpt_path} does not say which network it holds: pass --model (e.g. DiT-XL/2)")
+        depth = args.get("encoder_depth", 8)
+        cfg, meta = model_config(sd, name, depth), None
+        # official SiT checkpoints (willisma/SiT) keep learned sigma and run time backwards
+        reverse = name.startswith("SiT") and cfg["learn_sigma"] and not args
+    if name not in models.DiT_models:
+        die(f"unknown model {name!r}: choose one of {', '.join(models.DiT_models)}")
+    model = models.DiT_models[name](**cfg)
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        die(f"--ckpt {ckpt_path} does not fit {name} ({first}); pass the --model it was trained as")
+    objective = "ddpm" if name.startswith("DiT") else "sit"
+    info = dict(model=name, objective=objective, reverse_time=reverse, meta=meta, config=cfg)
+    return model.to(device).eval().requires_grad_(False), info
