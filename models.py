@@ -315,7 +315,9 @@ def _sizes(depth, hidden_size, num_heads):
     return dict(depth=depth, hidden_size=hidden_size, num_heads=num_heads)
 
 
-SIZES = {"S": _sizes(12, 384, 6), "B": _sizes(12, 768, 12), "L": _sizes(24, 1024, 16), "XL": _sizes(28, 1152, 16)}
+# "T" (tiny) is not in the DiT paper: it makes CPU tests and the offline demo quick.
+SIZES = {"T": _sizes(6, 192, 3), "S": _sizes(12, 384, 6), "B": _sizes(12, 768, 12),
+         "L": _sizes(24, 1024, 16), "XL": _sizes(28, 1152, 16)}
 
 
 def _make(size, patch):
