@@ -189,3 +189,169 @@ class ReverseTime(nn.Module):
     def forward(self, x, t, y):
         out = self.model(x, 1 - t, y)
         return -out[:, :x.shape[1]]
+
+
+#################################################################################
+#                                    Samplers                                    #
+#################################################################################
+# A sampler takes f(x, t, t_unit) -> model output (made by `guided_model`), the initial noise z
+# and, where a step is stochastic, noise() -> a fresh standard normal shaped like z. sample.py
+# draws that noise from one generator per sample, so a sample does not depend on its batch.
+
+def guided_model(model, y, cfg_scale=1.0, low=0.0, high=1.0, channels=None, null_class=None):
+    """
+    f(x, t, t_unit): model(x, t, y) in fp32 with classifier-free guidance u + s (c - u) on the
+    first `channels` output channels (default: the C data channels; the rest, e.g. DiT's
+    variance, stay conditional; DiT guides 3). The conditional and unconditional (null class)
+    rows go through the network as one batch, and only when low <= t_unit <= high (t_unit in
+    REPA time, 1 = noise); elsewhere, and for s = 1, only the conditional rows are evaluated.
+    """
+    null = getattr(model, "num_classes", None) if null_class is None else null_class
+
+    def net(x, t, labels):
+        out = model(x, t, labels)
+        return (out[0] if isinstance(out, tuple) else out).float()
+
+    def f(x, t, t_unit):
+        if cfg_scale == 1 or not low <= t_unit <= high:
+            return net(x, t, y)
+        cond, uncond = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null)])).chunk(2)
+        k = channels or x.shape[1]
+        return torch.cat([uncond[:, :k] + cfg_scale * (cond[:, :k] - uncond[:, :k]), cond[:, k:]], dim=1)
+    return f
+
+
+def space_timesteps(num_timesteps, spacing):
+    """
+    The steps a respaced DDPM keeps, as guided-diffusion defines them (sorted list):
+    "N1,N2,..." splits the T steps into equal sections (the first T % len ones a step longer)
+    and takes N_i steps from section i at a fractional stride (len-1)/(N_i-1), rounded;
+    "ddimN" takes range(0, T, k) with the smallest k that gives exactly N steps.
+    """
+    spacing = str(spacing)
+    if spacing.startswith("ddim"):
+        n = int(spacing[4:])
+        for k in range(1, num_timesteps):
+            if len(range(0, num_timesteps, k)) == n:
+                return list(range(0, num_timesteps, k))
+        raise ValueError(f"cannot take exactly {n} of {num_timesteps} steps with an integer stride")
+    counts = [int(c) for c in spacing.split(",")]
+    kept, start = set(), 0
+    for i, n in enumerate(counts):
+        size = num_timesteps // len(counts) + (i < num_timesteps % len(counts))
+        if not 0 < n <= size:
+            raise ValueError(f"cannot take {n} steps from a section of {size}")
+        stride, pos = ((size - 1) / (n - 1) if n > 1 else 1), 0.0
+        for _ in range(n):  # accumulated as guided-diffusion does, so rounding ties agree
+            kept.add(start + round(pos))
+            pos += stride
+        start += size
+    return sorted(kept)
+
+
+def respace(schedule, steps):
+    """
+    The DDPM over the kept steps k_0 < k_1 < ...: betas_i = 1 - abar[k_i] / abar[k_{i-1}]
+    (abar before k_0 is 1), so the kept marginals are unchanged. Returns (schedule, k as int64
+    array): the network is still fed the original step k_i.
+    """
+    abar = schedule.alphas_cumprod[np.asarray(steps)]
+    return DDPMSchedule(1.0 - abar / np.append(1.0, abar[:-1])), np.asarray(steps, dtype=np.int64)
+
+
+def _respaced(num_steps, spacing, schedule):
+    base = schedule or DDPMSchedule(linear_betas())
+    return respace(base, space_timesteps(base.num_timesteps, spacing or num_steps)) + (base.num_timesteps,)
+
+
+def ddpm_sample(f, z, num_steps=250, noise=None, spacing=None, schedule=None):
+    """
+    DiT's sampler: ancestral DDPM steps over the schedule respaced to `spacing` (default
+    str(num_steps)), learned variance range (or fixed small without it), no clipping, no noise
+    at the last step. One model evaluation per step. Returns x_0.
+    """
+    s, steps, T = _respaced(num_steps, spacing, schedule)
+    noise = noise or (lambda: torch.randn_like(z))
+    x = z.float()
+    for i in reversed(range(len(steps))):
+        t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
+        out = f(x, torch.full_like(t, int(steps[i])), steps[i] / T)
+        mean, logvar, _ = p_mean_logvar(s, out, x, t)
+        x = mean + torch.exp(0.5 * logvar) * noise().float() if i > 0 else mean
+    return x
+
+
+def ddim_sample(f, z, num_steps=250, eta=0.0, noise=None, spacing=None, schedule=None):
+    """
+    DDIM over the same respaced steps: x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev -
+    sigma^2) eps + sigma noise, sigma = eta sqrt((1 - abar_prev)/(1 - abar)) sqrt(1 - abar/abar_prev);
+    eta = 0 is deterministic. Returns x_0.
+    """
+    s, steps, T = _respaced(num_steps, spacing, schedule)
+    noise = noise or (lambda: torch.randn_like(z))
+    x = z.float()
+    for i in reversed(range(len(steps))):
+        t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
+        eps = f(x, torch.full_like(t, int(steps[i])), steps[i] / T)[:, :x.shape[1]]
+        x0 = _extract(s.sqrt_recip_alphas_cumprod, t, x.ndim) * x - _extract(s.sqrt_recipm1_alphas_cumprod, t, x.ndim) * eps
+        ab, ab_prev = _extract(s.alphas_cumprod, t, x.ndim), _extract(s.alphas_cumprod_prev, t, x.ndim)
+        sigma = eta * torch.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
+        x = torch.sqrt(ab_prev) * x0 + torch.sqrt(1 - ab_prev - sigma ** 2) * eps
+        if i > 0 and eta > 0:
+            x = x + sigma * noise().float()
+    return x
+
+
+def _velocity(f, x, t):
+    """v(x, t) = E[eps - x0 | x_t] in float64 from the (fp32) network, all rows at time t."""
+    tt = torch.full((x.shape[0],), float(t), device=x.device)
+    return f(x.float(), tt, float(t))[:, :x.shape[1]].double()
+
+
+def euler_sample(f, z, num_steps=50):
+    """Euler steps of dx/dt = v on t = linspace(1, 0, num_steps + 1). num_steps evaluations."""
+    t = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64)
+    x = z.double()
+    for t_cur, t_next in zip(t[:-1], t[1:]):
+        x = x + (t_next - t_cur) * _velocity(f, x, t_cur)
+    return x.float()
+
+
+def heun_sample(f, z, num_steps=50):
+    """
+    Heun (explicit trapezoid, SiT's ODE solver with a fixed grid) on t = linspace(1, 0,
+    num_steps + 1), the correction on every step: 2 num_steps evaluations. A step is guided
+    when its start time is in the guidance interval (both evaluations), as REPA decides.
+    """
+    t = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64)
+    x = z.double()
+    for t_cur, t_next in zip(t[:-1], t[1:]):
+        d = _velocity(f, x, t_cur)
+        x_pred = x + (t_next - t_cur) * d
+        tt = torch.full((x.shape[0],), float(t_next), device=x.device)
+        d_next = f(x_pred.float(), tt, float(t_cur))[:, :x.shape[1]].double()
+        x = x + (t_next - t_cur) * 0.5 * (d + d_next)
+    return x.float()
+
+
+def sde_sample(f, z, num_steps=250, noise=None, t_last=0.04):
+    """
+    REPA's (and SiT's default) Euler-Maruyama sampler of the reverse SDE with g(t)^2 = 2t:
+    dx = [v - t score] dt + sqrt(2t) dW, score = -(x + (1 - t) v) / t for the linear
+    interpolant, on t = linspace(1, t_last, num_steps), then one noise-free step to 0.
+    num_steps evaluations.
+    """
+    t = torch.cat([torch.linspace(1, t_last, num_steps, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
+    noise = noise or (lambda: torch.randn_like(z))
+    x = z.double()
+    for i, (t_cur, t_next) in enumerate(zip(t[:-1], t[1:])):
+        v = _velocity(f, x, t_cur)
+        score = -(x + (1 - t_cur) * v) / t_cur
+        x = x + (t_next - t_cur) * (v - t_cur * score)
+        if i < num_steps - 1:
+            x = x + torch.sqrt(2 * t_cur * (t_cur - t_next)) * noise().double()
+    return x.float()
+
+
+SAMPLERS = {"ddpm": ddpm_sample, "ddim": ddim_sample, "euler": euler_sample, "heun": heun_sample, "sde": sde_sample}
+SAMPLER_OBJECTIVE = {"ddpm": "ddpm", "ddim": "ddpm", "euler": "sit", "heun": "sit", "sde": "sit"}
