@@ -63,7 +63,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from common import (ChunkedWork, atomic_save, barrier, center_crop_arr, cleanup_distributed, create_logger, die,
-                    fast_cuda_defaults, load_dataset, setup_distributed)
+                    fast_cuda_defaults, load_dataset, replace_dir, setup_distributed)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -302,14 +302,7 @@ def finalize(partial, out, meta, logger):
     for h in list(logger.handlers):
         h.close()
         logger.removeHandler(h)
-    if os.path.exists(out):  # --overwrite: keep the old directory until the new one is in place
-        old = out + ".old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(out, old)
-        os.rename(partial, out)
-        shutil.rmtree(old)
-    else:
-        os.rename(partial, out)
+    replace_dir(partial, out)
 
 
 def main(args):

@@ -107,6 +107,18 @@ def atomic_save(obj, path, fmt=None):
             os.remove(tmp)
 
 
+def replace_dir(partial, out):
+    """Put the finished directory `partial` at `out`; an existing `out` (--overwrite) stays until then."""
+    if os.path.exists(out):
+        old = out + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(out, old)
+        os.rename(partial, out)
+        shutil.rmtree(old)
+    else:
+        os.rename(partial, out)
+
+
 # ----------------------------------------------------------------------------- resumable sharded work
 
 class ChunkedWork:

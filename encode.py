@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from common import (VAE_IDS, ChunkedWork, atomic_save, barrier, center_crop_arr, cleanup_distributed,
-                    create_logger, die, fast_cuda_defaults, load_vae, setup_distributed)
+                    create_logger, die, fast_cuda_defaults, load_vae, replace_dir, setup_distributed)
 
 # The extensions torchvision's ImageFolder accepts (compared case-insensitively).
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -132,14 +132,7 @@ def finalize(partial, out, meta, logger):
     for h in list(logger.handlers):
         h.close()
         logger.removeHandler(h)
-    if os.path.exists(out):  # --overwrite: keep the old directory until the new one is in place
-        old = out + ".old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(out, old)
-        os.rename(partial, out)
-        shutil.rmtree(old)
-    else:
-        os.rename(partial, out)
+    replace_dir(partial, out)
 
 
 def main(args):
