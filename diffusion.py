@@ -83,8 +83,9 @@ def p_mean_logvar(s, out, xt, t, clip=False):
     if out.shape[1] == 2 * C:
         frac = (out[:, C:] + 1) / 2
         logvar = frac * _extract(np.log(s.betas), t, xt.ndim) + (1 - frac) * _extract(s.posterior_log_variance_clipped, t, xt.ndim)
-    else:  # fixed small variance
-        logvar = _extract(s.posterior_log_variance_clipped, t, xt.ndim).expand_as(xt)
+    else:  # fixed large variance, guided-diffusion's default without learned sigma
+        large = np.log(np.append(s.posterior_variance[1], s.betas[1:]))
+        logvar = _extract(large, t, xt.ndim).expand_as(xt)
     x0 = _extract(s.sqrt_recip_alphas_cumprod, t, xt.ndim) * xt - _extract(s.sqrt_recipm1_alphas_cumprod, t, xt.ndim) * eps
     if clip:
         x0 = x0.clamp(-1, 1)
