@@ -436,12 +436,7 @@ def main(args):
         out_vis = work.array("vis.npy", shape, np.float16)
         logger.info(f"vis.npy {shape} float16: {args.vis_encoder} at {res} px ({T} patch tokens of width {D}), "
                     f"{work.num_done()} of {len(work.chunks())} chunks already done")
-        todo = work.todo()
-        if args.stop_after_chunks is not None:
-            todo = todo[:args.stop_after_chunks]
-        # Batches never cross a chunk boundary, so every batch holds the same rows whatever the number of ranks.
-        batches = [list(range(b, min(b + args.batch_size, hi)))
-                   for lo, hi in todo for b in range(lo, hi, args.batch_size)]
+        batches = work.batches(args.batch_size, args.stop_after_chunks)
         loader = DataLoader(Crops(paths, size), batch_sampler=batches, num_workers=args.num_workers,
                             pin_memory=device.type == "cuda")
         start, count = time.time(), 0

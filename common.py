@@ -170,6 +170,13 @@ class ChunkedWork:
         return [(lo, hi) for i, (lo, hi) in enumerate(self.chunks())
                 if i % self.world == self.rank and not os.path.exists(os.path.join(self.marks, str(lo)))]
 
+    def batches(self, batch_size, max_chunks=None):
+        """Row-index batches of this rank's unfinished chunks (at most max_chunks of them). A batch
+        never crosses a chunk boundary, so a chunk is complete when its last batch is written and
+        the batches are the same whatever the number of ranks."""
+        todo = self.todo()[:max_chunks]
+        return [list(range(b, min(b + batch_size, hi))) for lo, hi in todo for b in range(lo, hi, batch_size)]
+
     def num_done(self):
         return sum(os.path.exists(os.path.join(self.marks, str(lo))) for lo, _ in self.chunks())
 

@@ -216,12 +216,7 @@ def main(args):
                 f"vae {args.vae}, {world} rank(s)")
     logger.info(f"{done_before} of {len(chunks)} chunks already done; encoding {remaining} images")
 
-    todo = work.todo()
-    if args.stop_after_chunks is not None:
-        todo = todo[:args.stop_after_chunks]
-    # Batches never cross a chunk boundary, so a chunk is complete when its last batch is written,
-    # and every batch holds the same rows whatever the number of ranks.
-    batches = [list(range(b, min(b + args.batch_size, hi))) for lo, hi in todo for b in range(lo, hi, args.batch_size)]
+    batches = work.batches(args.batch_size, args.stop_after_chunks)
     loader = DataLoader(ImageRows(source, files, args.image_size), batch_sampler=batches,
                         num_workers=args.num_workers, pin_memory=device.type == "cuda")
     start = time.time()

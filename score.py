@@ -215,12 +215,7 @@ def main(args):
                 f"{'bf16 autocast' if cuda else 'fp32'}{', compiled' if compiled else ''}")
     logger.info(f"{len(chunks) - work.num_done()} of {len(chunks)} chunks to do: scoring {remaining} images")
 
-    todo = work.todo()
-    if args.stop_after_chunks is not None:
-        todo = todo[:args.stop_after_chunks]
-    # Batches never cross a chunk boundary: a chunk is complete when its last batch is written,
-    # and the batches are the same whatever the number of ranks.
-    batches = [list(range(b, min(b + args.batch_size, hi))) for lo, hi in todo for b in range(lo, hi, args.batch_size)]
+    batches = work.batches(args.batch_size, args.stop_after_chunks)
     workers = args.num_workers if args.num_workers is not None else (4 if cuda else 0)
     loader = DataLoader(ScoreRows(args.data_path, labels, args.num_timesteps, objective, args.global_seed),
                         batch_sampler=batches, num_workers=workers, pin_memory=cuda)
