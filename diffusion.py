@@ -28,10 +28,18 @@ def mean_flat(x):
     return x.float().mean(dim=list(range(1, x.ndim)))
 
 
+_TABLES = {}
+
+
 def _extract(arr, t, ndim):
-    """arr[t] (float64 numpy table) as a float32 tensor broadcastable against ndim-d data."""
-    out = torch.from_numpy(arr).to(t.device)[t].float()
-    return out.reshape(-1, *([1] * (ndim - 1)))
+    """arr[t] (float64 numpy table) as a float32 tensor broadcastable against ndim-d data. The table
+    is copied to t's device once and cached, so a training step makes no host-to-device copy."""
+    key = (id(arr), str(t.device))
+    if key not in _TABLES or _TABLES[key][0] is not arr:
+        if len(_TABLES) > 512:  # schedules made per sampling batch: keep the cache bounded
+            _TABLES.clear()
+        _TABLES[key] = (arr, torch.from_numpy(arr).float().to(t.device))
+    return _TABLES[key][1][t].reshape(-1, *([1] * (ndim - 1)))
 
 
 #################################################################################
@@ -53,6 +61,9 @@ class DDPMSchedule:
         self.posterior_variance = pv = b * (1.0 - acp) / (1.0 - ac)
         # the variance at t=0 is 0: clip the log with the value at t=1
         self.posterior_log_variance_clipped = np.log(np.append(pv[1], pv[1:])) if len(b) > 1 else np.log(pv)
+        self.log_betas = np.log(b)
+        # fixed large variance (guided-diffusion's default without learned sigma)
+        self.log_variance_large = np.log(np.append(pv[1], b[1:])) if len(b) > 1 else np.log(b)
         self.posterior_mean_coef1 = b * np.sqrt(acp) / (1.0 - ac)
         self.posterior_mean_coef2 = (1.0 - acp) * np.sqrt(1.0 - b) / (1.0 - ac)
 
@@ -82,10 +93,9 @@ def p_mean_logvar(s, out, xt, t, clip=False):
     eps = out[:, :C]
     if out.shape[1] == 2 * C:
         frac = (out[:, C:] + 1) / 2
-        logvar = frac * _extract(np.log(s.betas), t, xt.ndim) + (1 - frac) * _extract(s.posterior_log_variance_clipped, t, xt.ndim)
-    else:  # fixed large variance, guided-diffusion's default without learned sigma
-        large = np.log(np.append(s.posterior_variance[1], s.betas[1:]))
-        logvar = _extract(large, t, xt.ndim).expand_as(xt)
+        logvar = frac * _extract(s.log_betas, t, xt.ndim) + (1 - frac) * _extract(s.posterior_log_variance_clipped, t, xt.ndim)
+    else:
+        logvar = _extract(s.log_variance_large, t, xt.ndim).expand_as(xt)
     x0 = _extract(s.sqrt_recip_alphas_cumprod, t, xt.ndim) * xt - _extract(s.sqrt_recipm1_alphas_cumprod, t, xt.ndim) * eps
     if clip:
         x0 = x0.clamp(-1, 1)
