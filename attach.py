@@ -453,9 +453,7 @@ def main(args):
             out_vis[lo:hi] = z
             bar.update(hi - lo)
             count += hi - lo
-            c = lo // args.chunk_size * args.chunk_size
-            if hi == min(c + args.chunk_size, n):
-                work.done(c)
+            work.written(lo, hi)
         bar.close()
         logger.info(f"vis: {count} images in {time.time() - start:.1f} s on rank 0")
         if args.stop_after_chunks is not None:

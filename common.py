@@ -177,6 +177,15 @@ class ChunkedWork:
         todo = self.todo()[:max_chunks]
         return [list(range(b, min(b + batch_size, hi))) for lo, hi in todo for b in range(lo, hi, batch_size)]
 
+    def written(self, lo, hi):
+        """Call after the batch of rows lo..hi-1 is written: marks its chunk done when the batch
+        ends the chunk, and then returns True."""
+        c = lo // self.chunk * self.chunk
+        if hi == min(c + self.chunk, self.n):
+            self.done(c)
+            return True
+        return False
+
     def num_done(self):
         return sum(os.path.exists(os.path.join(self.marks, str(lo))) for lo, _ in self.chunks())
 
@@ -268,11 +277,11 @@ def load_vae(name, device):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def model_config(state_dict, model_name, encoder_depth=8):
+def model_config(state_dict, encoder_depth=8):
     """Constructor kwargs of a registry model, read off the shapes of a state dict."""
     sd = state_dict
     w = sd["x_embedder.proj.weight"]                       # (hidden, C, p, p)
-    hidden, in_ch, p = w.shape[0], w.shape[1], w.shape[2]
+    in_ch, p = w.shape[1], w.shape[2]
     out = sd["final_layer.linear.weight"].shape[0] // (p * p)
     cfg = dict(input_size=int(round(sd["pos_embed"].shape[1] ** 0.5)) * p, in_channels=in_ch,
                learn_sigma=out == 2 * in_ch, qk_norm="blocks.0.attn.q_norm.weight" in sd)
@@ -316,7 +325,7 @@ def load_model(ckpt_path, model_name=None, use_ema=True, device="cpu"):
         if name is None:
             die(f"--ckpt {ckpt_path} does not say which network it holds: pass --model (e.g. DiT-XL/2)")
         depth = args.get("encoder_depth", 8)
-        cfg, meta = model_config(sd, name, depth), None
+        cfg, meta = model_config(sd, depth), None
         # official SiT checkpoints (willisma/SiT) keep learned sigma and run time backwards
         reverse = name.startswith("SiT") and cfg["learn_sigma"] and not args
     if name not in models.DiT_models:

@@ -232,11 +232,9 @@ def main(args):
             valid[lo:hi] = ok
             bar.update(hi - lo)
             chunk_images += hi - lo
-            c = lo // args.chunk_size * args.chunk_size
-            if hi == min(c + args.chunk_size, n):
-                work.done(c)
+            if work.written(lo, hi):
                 now = time.time()
-                logger.info(f"chunk {c // args.chunk_size + 1}/{len(chunks)} done: "
+                logger.info(f"chunk {lo // args.chunk_size + 1}/{len(chunks)} done: "
                             f"{chunk_images / max(now - chunk_start, 1e-9):.1f} images/s on rank 0")
                 chunk_start, chunk_images = now, 0
     if args.stop_after_chunks is not None:

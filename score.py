@@ -237,11 +237,9 @@ def main(args):
         scores[lo:hi] = s.numpy()
         bar.update(B)
         chunk_images += B
-        c = lo // args.chunk_size * args.chunk_size
-        if hi == min(c + args.chunk_size, n):
-            work.done(c)
+        if work.written(lo, hi):
             now = time.time()
-            logger.info(f"chunk {c // args.chunk_size + 1}/{len(chunks)} done: "
+            logger.info(f"chunk {lo // args.chunk_size + 1}/{len(chunks)} done: "
                         f"{chunk_images / max(now - chunk_start, 1e-9):.1f} images/s on rank {rank}")
             chunk_start, chunk_images = now, 0
     bar.close()

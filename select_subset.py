@@ -36,7 +36,6 @@ A class with fewer than ipc images is an error unless --allow-short, which takes
 ipc = floor(images) // num_classes.
 """
 import argparse
-import json
 import os
 
 import numpy as np

@@ -117,7 +117,7 @@ def check_inputs(args, world):
         text = torch.load(tp, map_location="cpu")
         if text["emb"].shape[0] != meta["num_classes"]:
             die(f"{tp} has {text['emb'].shape[0]} classes but meta.json says {meta['num_classes']}: re-run attach.py")
-    C, H = latents.shape[-3], latents.shape[-1]
+    H = latents.shape[-1]
     p = int(args.model.split("/")[-1])
     depth = SIZES[args.model.split("-")[1].split("/")[0]]["depth"]
     if H % p:
