@@ -150,7 +150,7 @@ def main(args):
 
     net = diffusion.ReverseTime(model) if info["reverse_time"] else model
     if cuda and args.compile:
-        net = torch.compile(net)
+        net = torch.compile(net, dynamic=False)  # B-row and 2B-row (guided) calls: one static graph each
 
     out = os.path.normpath(args.sample_dir)
     settings = {"ckpt": os.path.abspath(args.ckpt), "model": info["model"], "ema": args.ema, "vae": vae_name,

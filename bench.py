@@ -1,0 +1,484 @@
+"""
+Throughput on the device present (one device; --batch-size is per device) of the work the
+stages do: the training step of train.py, one model evaluation of the samplers with and without
+guidance, score.py's scoring, and train.py's data loader, each eager and under torch.compile.
+
+Reads  nothing: random weights and random latents of shape (4, S/8, S/8) for --image-size S.
+       The loader part writes a temporary dataset directory of random float16 latents
+       (--loader-images rows) and deletes it.
+Writes a Markdown table on stdout; --json FILE writes the same rows as JSON.
+
+FLOPs come from the architecture: models.forward_macs (multiply-accumulates per image per
+forward, as the DiT paper counts Gflops) x 2 per forward; a training step counts 3 forwards'
+worth (forward + backward) = 6 x MACs per image. MFU = achieved TFLOP/s over the dense peak of
+the GPU (PEAK_TFLOPS, matched on the device name; --peak-tflops overrides; on CPU only with
+--peak-tflops). Times are medians over --iters after --warmup iterations, with the device
+synchronised around each one. The fast paths are those of the stages: on CUDA bf16 autocast
+with fp32 master weights (--precision), TF32, torch.compile, SDPA, fused AdamW, foreach EMA;
+fp32 on CPU.
+
+    python bench.py --model SiT-XL/2 --image-size 256 --batch-size 256 --precision bf16 --proj
+
+The README's numbers came from (CPU: 2 cores of an AMD EPYC, shared with other jobs):
+    python bench.py --model SiT-S/2 --image-size 256 --batch-size 16 --warmup 2 --iters 7 \
+        --only train,loader --json results/bench_cpu_train.json
+    OMP_NUM_THREADS=1 python bench.py --model SiT-S/2 --image-size 256 --batch-size 16 --warmup 2 \
+        --iters 5 --only train --json results/bench_cpu_train_1thread.json
+    OMP_NUM_THREADS=1 python bench.py --model SiT-S/2 --image-size 256 --batch-size 16 --warmup 1 \
+        --iters 5 --only sample,score,loader --json results/bench_cpu_infer_1thread.json
+GPU (one H100 SXM; not yet measured):
+    python bench.py --check-flash
+    python bench.py --model SiT-XL/2 --image-size 256 --batch-size 256 --precision bf16 --proj \
+        --json results/bench_h100.json
+    python bench.py --model SiT-XL/2 --image-size 256 --batch-size 256 --only sample --modes compile \
+        --sample-steps 250 --cfg-scale 1.8 --guidance-low 0 --guidance-high 0.7 --json results/bench_h100_sample.json
+"""
+import argparse
+import functools
+import os
+import resource
+import statistics
+import tempfile
+import time
+import warnings
+from copy import deepcopy
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common import atomic_save, die, fast_cuda_defaults
+from diffusion import (SAMPLERS, DDPMSchedule, diffusion_loss, guided_model, linear_betas, objective_of,
+                       projection_loss, sample_time)
+from models import SIZES, DiT_models, forward_macs
+from score import score_batch
+from train import StepBatches, step_noise, update_ema
+
+PARTS = ("train", "sample", "score", "loader")
+MODES = ("eager", "compile")
+TRAIN_FLOPS_PER_MAC = 6   # forward 2 FLOPs per MAC, backward twice the forward
+REPA_Z_DIM = 768          # DINOv2-B features, the REPA projector's target
+
+# Dense tensor-core TFLOP/s from the vendors' data sheets (no sparsity): bf16, and TF32 for
+# --precision fp32 (fast_cuda_defaults runs fp32 matmuls in TF32). First match on the name wins.
+PEAK_TFLOPS = [  # (part of torch.cuda.get_device_name(), bf16, tf32)
+    ("H100 PCIe", 756, 378),
+    ("H100 NVL", 835, 418),
+    ("H100", 989, 495),  # SXM, e.g. "NVIDIA H100 80GB HBM3"
+    ("H200", 989, 495),
+    ("A100", 312, 156),
+    ("L40S", 362, 183),
+    ("L40", 181, 90.5),
+    ("L4", 121, 60),
+]
+
+
+def peak_tflops(device_name, precision):
+    """The table's dense peak for this GPU name and 'bf16' / 'fp32' (TF32), or None if unknown."""
+    for key, bf16, tf32 in PEAK_TFLOPS:
+        if key.lower() in device_name.lower():
+            return bf16 if precision == "bf16" else tf32
+    return None
+
+
+def rates(images, seconds, flops_per_image, peak=None):
+    """(images/s, achieved TFLOP/s, MFU) of `images` done in `seconds`; None where not defined."""
+    ips = images / seconds
+    tflops = flops_per_image * ips / 1e12 if flops_per_image else None
+    return ips, tflops, (tflops / peak if peak and tflops is not None else None)
+
+
+def encoder_depth(model_name):
+    """train.py's default block after which REPA aligns the tokens."""
+    return 8 if model_name.split("-")[1].startswith(("L", "XL")) else 4
+
+
+def build_model(args, device, proj=False):
+    """The registry network as train.py builds it for latents (4, S/8, S/8), random weights."""
+    kwargs = dict(input_size=args.image_size // 8, in_channels=4, num_classes=args.num_classes,
+                  learn_sigma=objective_of(args.model) == "ddpm")
+    if proj:
+        kwargs.update(z_dims=[REPA_Z_DIM], encoder_depth=encoder_depth(args.model))
+    torch.manual_seed(0)
+    return DiT_models[args.model](**kwargs).to(device)
+
+
+def compile_model(model, mode, dynamic=None):
+    return torch.compile(model, dynamic=dynamic) if mode == "compile" else model
+
+
+class Bench:
+    """Shared state of one run: device, timing, memory and the rows measured so far."""
+
+    def __init__(self, args, device):
+        self.args, self.device, self.cuda = args, device, device.type == "cuda"
+        self.name = torch.cuda.get_device_name(device) if self.cuda else "CPU"
+        self.precision = args.precision if self.cuda else "fp32"
+        self.peak = args.peak_tflops or (peak_tflops(self.name, self.precision) if self.cuda else None)
+        self.objective = objective_of(args.model)
+        self.latent = args.image_size // 8
+        self.rows = []
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def time(self, fn, warmup=None, iters=None):
+        """Median seconds of fn() over --iters calls after --warmup calls, synchronised each time."""
+        for _ in range(self.args.warmup if warmup is None else warmup):
+            fn()
+        self.sync()
+        self.times = []
+        for _ in range(self.args.iters if iters is None else iters):
+            t0 = time.perf_counter()
+            fn()
+            self.sync()
+            self.times.append(time.perf_counter() - t0)
+        return statistics.median(self.times)
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda and self.precision == "bf16")
+
+    def reset_memory(self):
+        if self.cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_memory_gib(self):
+        if self.cuda:
+            return torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+
+    def add(self, part, mode, what, images, seconds, flops_per_image, syncs=None):
+        ips, tflops, mfu = rates(images, seconds, flops_per_image, self.peak)
+        self.rows.append(dict(part=part, mode=mode, what=what, images=images, ms=1e3 * seconds,
+                              ms_each=[1e3 * t for t in self.times], images_per_s=ips,
+                              flops_per_image=flops_per_image, tflops=tflops, mfu=mfu,
+                              peak_mem_gib=self.peak_memory_gib(), syncs=syncs))
+
+    def batch(self, B, rows=None):
+        """Latents x, labels y and the objective's times t for B images (rows: B by default)."""
+        g = torch.Generator(device=self.device).manual_seed(0)
+        shape = (rows or B, 4, self.latent, self.latent)
+        x = torch.randn(shape, device=self.device, generator=g)
+        y = torch.randint(0, self.args.num_classes, (shape[0],), device=self.device, generator=g)
+        return x, y, sample_time(self.objective, shape[0], self.device, g)
+
+    def count_syncs(self, fn):
+        """Host-device synchronisations in one call of fn (CUDA's sync debug mode); None on CPU."""
+        if not self.cuda:
+            return None
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                fn()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        self.sync()
+        return sum("synchroniz" in str(w.message) for w in caught)
+
+
+# ----------------------------------------------------------------------------- parts
+
+def bench_train(b, mode):
+    """One train.py step: loss (with label dropout), backward, clipping, fused AdamW, EMA."""
+    args, device, B, L = b.args, b.device, b.args.batch_size, b.latent
+    model = build_model(args, device, proj=args.proj)
+    ema = deepcopy(model).requires_grad_(False).eval()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.999),
+                            weight_decay=0.0, fused=b.cuda)
+    net = compile_model(model, mode)
+    model.train()
+    ema_params, params = list(ema.parameters()), list(model.parameters())
+    schedule = DDPMSchedule(linear_betas(1000))
+    noise_args = argparse.Namespace(global_seed=0, time_weighting="uniform", class_dropout_prob=0.1)
+    pinned = lambda v: v.pin_memory() if b.cuda else v  # noqa: E731 (as train.py's loader delivers batches)
+    x_host, y_host = pinned(torch.randn(B, 4, L, L)), pinned(torch.randint(0, args.num_classes, (B,)))
+    h = min(256, (L // model.patch_size) ** 2)
+    vis_host = pinned(torch.randn(B, h, REPA_Z_DIM)) if args.proj else None
+    step = [0]
+
+    def one():
+        x, y = x_host.to(device, non_blocking=True), y_host.to(device, non_blocking=True)
+        noise, t, drop = step_noise(noise_args, b.objective, step[0], (B, 4, L, L), device, 0, B)
+        with b.autocast():
+            fwd = functools.partial(net, force_drop_ids=drop.long())
+            loss_diff, zs = diffusion_loss(b.objective, fwd, x, y, t, noise, schedule)
+            loss = loss_diff.mean()
+            if args.proj:
+                loss = loss + 0.5 * projection_loss(zs, [vis_host.to(device, non_blocking=True)]).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        update_ema(ema_params, params, 0.9999)
+        step[0] += 1
+
+    b.reset_memory()
+    seconds = b.time(one)
+    syncs = b.count_syncs(one)
+    macs = forward_macs(model, L)
+    b.add("train", mode, f"step{' + REPA projector' if args.proj else ''}", B, seconds,
+          TRAIN_FLOPS_PER_MAC * macs, syncs)
+
+
+def bench_sample(b, mode):
+    """One model evaluation of a sampler (eval, inference mode): B rows, or 2B with guidance."""
+    args, B = b.args, b.args.batch_size
+    model = build_model(args, b.device).eval().requires_grad_(False)
+    # a guidance interval alternates B and 2B rows: one static graph for each
+    net = compile_model(model, mode, dynamic=False)
+    macs = forward_macs(model, b.latent)
+    x, y, t = b.batch(B)
+    for guided in (False, True):
+        f = guided_model(net, y, args.cfg_scale if guided else 1.0, null_class=args.num_classes)
+
+        def one():
+            with torch.inference_mode(), b.autocast():
+                f(x, t, 0.5)
+        b.reset_memory()
+        seconds = b.time(one)
+        what = "model evaluation, cond + uncond in 2B rows" if guided else "model evaluation, B rows"
+        b.add("sample", mode, what, B, seconds, 2 * macs * (2 if guided else 1), b.count_syncs(one))
+    if args.sample_steps:
+        bench_sampler(b, mode, net, macs, y)
+
+
+def bench_sampler(b, mode, net, macs, y):
+    """A whole sampler run (sde for SiT, ddpm for DiT) with guidance on the interval; timed once."""
+    args, B = b.args, b.args.batch_size
+    name = "sde" if b.objective == "sit" else "ddpm"
+    rows = [0]
+
+    def counted(x, t, labels):
+        rows[0] += x.shape[0]
+        return net(x, t, labels)
+    f = guided_model(counted, y, args.cfg_scale, args.guidance_low, args.guidance_high, null_class=args.num_classes)
+    z = torch.randn(B, 4, b.latent, b.latent, device=b.device)
+
+    def run(steps):
+        with torch.inference_mode(), b.autocast():
+            SAMPLERS[name](f, z, num_steps=steps)
+    b.reset_memory()
+    run(2)  # both shapes are compiled by now; this only warms the sampler's own ops
+    rows[0] = 0
+    seconds = b.time(lambda: run(args.sample_steps), 0, 1)
+    evals = rows[0] / B
+    b.add("sample", mode, f"{name} sampler, {args.sample_steps} steps, cfg {args.cfg_scale} on "
+          f"[{args.guidance_low}, {args.guidance_high}] ({evals:g} rows per image)", B, seconds, 2 * macs * evals)
+
+
+def bench_score(b, mode):
+    """score.py's forward: the loss (vb off) at T timesteps of B images in B*T rows, no grad."""
+    args, B, T = b.args, b.args.batch_size, b.args.score_timesteps
+    model = build_model(args, b.device).eval().requires_grad_(False)
+    net = compile_model(model, mode)
+    schedule = DDPMSchedule(linear_betas(1000))
+    x, y, _ = b.batch(B)
+    _, _, t = b.batch(B, rows=B * T)
+    t = t.view(B, T)
+    noise = torch.randn(B, T, 4, b.latent, b.latent, device=b.device)
+
+    def one():
+        with torch.no_grad(), b.autocast():
+            score_batch(net, b.objective, schedule, x, y, t, noise)
+    b.reset_memory()
+    seconds = b.time(one)
+    b.add("score", mode, f"{T} timesteps per image, B*T rows", B, seconds, 2 * forward_macs(model, b.latent) * T,
+          b.count_syncs(one))
+
+
+def write_dataset(path, args, latent, h):
+    """Random float16 latents (and REPA features with --proj) in train.py's dataset layout."""
+    n, rng = args.loader_images, np.random.default_rng(0)
+    shape = (n, 2, 4, latent, latent) if args.flip else (n, 4, latent, latent)
+    arrays = [("latents.npy", shape)] + ([("vis.npy", (n, *shape[1:-3], h, REPA_Z_DIM))] if args.proj else [])
+    for name, shp in arrays:
+        a = np.lib.format.open_memmap(os.path.join(path, name), mode="w+", dtype=np.float16, shape=shp)
+        step = max(1, 2 ** 24 // int(np.prod(shp[1:])))  # 64 MB of float32 at a time
+        for lo in range(0, n, step):
+            a[lo:lo + step] = rng.standard_normal((min(step, n - lo), *shp[1:]), dtype=np.float32)
+        a.flush()
+        del a
+    labels = rng.integers(0, args.num_classes, n)
+    np.save(os.path.join(path, "labels.npy"), labels)
+    return labels
+
+
+def bench_loader(b):
+    """train.py's StepBatches through a DataLoader built as train.py builds it (memmaps in the
+    page cache: a freshly written file). One timed iteration fetches 4 batches per worker."""
+    args, B = b.args, b.args.batch_size
+    h = min(256, (b.latent // int(args.model.split("/")[-1])) ** 2)
+    per_iter = 4 * max(1, args.num_workers)
+    with tempfile.TemporaryDirectory(dir=args.tmp_dir) as path:
+        labels = write_dataset(path, args, b.latent, h)
+        data = StepBatches(path, args.proj, labels, B, 0, 1, 0)
+        loader = torch.utils.data.DataLoader(data, batch_size=None, sampler=range(0, (args.warmup + args.iters + 1) * per_iter),
+                                             num_workers=args.num_workers, pin_memory=b.cuda,
+                                             persistent_workers=args.num_workers > 0)
+        it = iter(loader)
+
+        def one():
+            for _ in range(per_iter):
+                batch = next(it)
+                _ = [v.to(b.device, non_blocking=True) for v in batch]
+        b.reset_memory()
+        seconds = b.time(one)
+        del it, loader
+    b.add("loader", f"{args.num_workers} worker{'s' * (args.num_workers != 1)}",
+          f"StepBatches from a {args.loader_images}-image memmap"
+          f"{' with flips' if args.flip else ''}{' + vis.npy' if args.proj else ''}, {per_iter} batches per iteration",
+          per_iter * B, seconds, None)
+
+
+# ----------------------------------------------------------------------------- flash check
+
+def check_flash(device):
+    """One SDPA forward + backward per registry head dim under the flash-only backend:
+    [(size, heads, head_dim, 'ok' | 'failed: ...')]."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    out = []
+    for size, s in SIZES.items():
+        hd = s["hidden_size"] // s["num_heads"]
+        q, k, v = (torch.randn(2, s["num_heads"], 256, hd, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+        try:
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                F.scaled_dot_product_attention(q, k, v).float().sum().backward()
+            status = "ok"
+        except RuntimeError as e:
+            status = "failed: " + str(e).strip().splitlines()[0][:120]
+        out.append((size, s["num_heads"], hd, status))
+    return out
+
+
+# ----------------------------------------------------------------------------- output
+
+def fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def table(b):
+    a = b.args
+    prec = b.precision + (" (TF32 matmuls)" if b.cuda and b.precision == "fp32" else "")
+    if not b.cuda and a.precision == "bf16":
+        prec += " (bf16 autocast is CUDA-only)"
+    peak = (f"peak {b.peak:g} TFLOP/s ({'--peak-tflops' if a.peak_tflops else 'table'})" if b.peak
+            else "no known peak: MFU needs --peak-tflops")
+    mem = "torch.cuda.max_memory_allocated per row" if b.cuda else "process max RSS so far (getrusage), not per row"
+    lines = [f"{a.model} at {a.image_size}px (latents 4x{b.latent}x{b.latent}), batch {a.batch_size} per device, "
+             f"{prec}, on {b.name}",
+             f"FLOPs: forward = 2 x models.forward_macs per image, training step = 3 x forward = 6 x MACs; "
+             f"{peak}; memory: {mem}",
+             "",
+             "| part | mode | what | images/s | ms/iter | TFLOP/s | MFU | peak mem GiB | syncs |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in b.rows:
+        ips = r["images_per_s"]
+        lines.append(f"| {r['part']} | {r['mode']} | {r['what']} | {fmt(ips, '.1f' if (ips or 0) >= 10 else '.2f')} | "
+                     f"{fmt(r['ms'], '.1f')} | "
+                     f"{fmt(r['tflops'], '.3g')} | {fmt(r['mfu'], '.1%')} | {r['peak_mem_gib']:.2f} | "
+                     f"{fmt(r['syncs'], 'd')} |")
+    return "\n".join(lines)
+
+
+def check_args(args):
+    if args.model not in DiT_models:
+        die(f"--model {args.model} is unknown: choose one of {', '.join(DiT_models)}")
+    p = int(args.model.split("/")[-1])
+    if args.image_size % 8 or (args.image_size // 8) % p:
+        die(f"--image-size {args.image_size} gives latents of {args.image_size / 8:g}px, not a multiple of the "
+            f"patch size {p} of {args.model}: use a multiple of {8 * p}")
+    bad = [x for x in args.only if x not in PARTS] + [x for x in args.modes if x not in MODES]
+    if bad or not args.only or not args.modes:
+        die(f"--only takes some of {','.join(PARTS)} and --modes some of {','.join(MODES)} (got {bad or 'nothing'})")
+    if min(args.batch_size, args.iters, args.score_timesteps, args.loader_images) < 1 or \
+            min(args.warmup, args.num_workers, args.sample_steps) < 0:
+        die("--batch-size, --iters, --score-timesteps and --loader-images must be positive; --warmup, "
+            "--num-workers and --sample-steps at least 0")
+    if args.tmp_dir is not None and not os.path.isdir(args.tmp_dir):
+        die(f"--tmp-dir {args.tmp_dir} is not a directory: create it or leave the flag out")
+    if "compile" in args.modes and args.warmup < 1:
+        die("--warmup must be at least 1 with --modes compile, so compilation is not timed")
+    if "sample" in args.only and args.cfg_scale == 1:
+        die("--cfg-scale 1 turns guidance off: the guided sampling rows need a scale other than 1")
+
+
+def main(args):
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        fast_cuda_defaults()
+    if args.check_flash:
+        res = check_flash(device)
+        where = (f"{torch.cuda.get_device_name(device)}, bf16" if device.type == "cuda"
+                 else "CPU, fp32 (the CPU kernel: the check that matters needs a GPU)")
+        print(f"SDPA under sdpa_kernel(SDPBackend.FLASH_ATTENTION), 256 tokens, on {where}:\n")
+        print("| size | heads | head dim | forward + backward |\n|---|---:|---:|---|")
+        for size, heads, hd, status in res:
+            print(f"| {size} | {heads} | {hd} | {status} |")
+        if any(s != "ok" for *_, s in res):
+            die("the flash attention backend refused some head dims (see the table)")
+        return
+    check_args(args)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    b = Bench(args, device)
+    for part in PARTS:
+        if part not in args.only:
+            continue
+        if part == "loader":
+            bench_loader(b)
+            continue
+        for mode in args.modes:
+            try:
+                {"train": bench_train, "sample": bench_sample, "score": bench_score}[part](b, mode)
+            except torch.OutOfMemoryError:  # say so and go on: the other rows still hold
+                b.rows.append(dict(part=part, mode=mode, what=f"out of memory at batch {args.batch_size}", images=None,
+                                   ms=None, ms_each=[], images_per_s=None, flops_per_image=None, tflops=None,
+                                   mfu=None, peak_mem_gib=b.peak_memory_gib(), syncs=None))
+            if b.cuda:
+                torch.cuda.empty_cache()
+    print(table(b))
+    if args.json:
+        atomic_save({"model": args.model, "image_size": args.image_size, "batch_size": args.batch_size,
+                     "precision": b.precision, "device": b.name, "peak_tflops": b.peak, "proj": args.proj,
+                     "warmup": args.warmup, "iters": args.iters, "score_timesteps": args.score_timesteps,
+                     "flops": "forward = 2 x forward_macs per image; train step = 6 x forward_macs per image",
+                     "memory": "cuda max_memory_allocated" if b.cuda else "cpu max RSS (getrusage)",
+                     "rows": b.rows}, args.json, fmt="json")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    csv = lambda s: [x for x in s.split(",") if x]  # noqa: E731
+    p.add_argument("--model", default="SiT-XL/2", help="registry name, e.g. DiT-XL/2 or SiT-S/2")
+    p.add_argument("--image-size", type=int, default=256, help="image side; latents are 4 x size/8 x size/8")
+    p.add_argument("--batch-size", type=int, default=32, help="images per step on the one device")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="autocast on CUDA; CPU is always fp32")
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--proj", action="store_true", help="train with a REPA projector and the projection loss")
+    p.add_argument("--only", type=csv, default=list(PARTS), help=f"comma-separated parts of {','.join(PARTS)}")
+    p.add_argument("--modes", type=csv, default=list(MODES), help="eager, compile or eager,compile")
+    p.add_argument("--warmup", type=int, default=3, help="untimed iterations first (compilation happens here)")
+    p.add_argument("--iters", type=int, default=10, help="timed iterations; the median is reported")
+    p.add_argument("--score-timesteps", type=int, default=10, help="timesteps per image of the scoring rows")
+    p.add_argument("--cfg-scale", type=float, default=1.8, help="guidance scale of the guided sampling rows")
+    p.add_argument("--guidance-low", type=float, default=0.0, help="guidance interval of --sample-steps (t, 1 = noise)")
+    p.add_argument("--guidance-high", type=float, default=0.7)
+    p.add_argument("--sample-steps", type=int, default=0,
+                   help="also time one whole sampler run of this many steps (sde for SiT, ddpm for DiT)")
+    p.add_argument("--loader-images", type=int, default=4096, help="rows of the loader's temporary dataset")
+    p.add_argument("--flip", action="store_true", help="loader dataset stores flips, (N, 2, C, H, W)")
+    p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers (train.py's default)")
+    p.add_argument("--tmp-dir", default=None, help="where the loader's temporary dataset goes (default: TMPDIR)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s for MFU (default: known GPUs' table)")
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--check-flash", action="store_true",
+                   help="only check that the flash SDPA backend takes every registry head dim, then exit")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    main(parse_args())
