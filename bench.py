@@ -34,7 +34,6 @@ GPU (one H100 SXM; not yet measured):
         --sample-steps 250 --cfg-scale 1.8 --guidance-low 0 --guidance-high 0.7 --json results/bench_h100_sample.json
 """
 import argparse
-import functools
 import os
 import resource
 import statistics
@@ -48,11 +47,10 @@ import torch
 import torch.nn.functional as F
 
 from common import atomic_save, die, fast_cuda_defaults
-from diffusion import (SAMPLERS, DDPMSchedule, diffusion_loss, guided_model, linear_betas, objective_of,
-                       projection_loss, sample_time)
+from diffusion import SAMPLERS, DDPMSchedule, guided_model, linear_betas, objective_of, sample_time
 from models import SIZES, DiT_models, forward_macs
 from score import score_batch
-from train import StepBatches, step_noise, update_ema
+from train import StepBatches, step_noise, train_step
 
 PARTS = ("train", "sample", "score", "loader")
 MODES = ("eager", "compile")
@@ -190,9 +188,10 @@ def bench_train(b, mode):
                             weight_decay=0.0, fused=b.cuda)
     net = compile_model(model, mode)
     model.train()
-    ema_params, params = list(ema.parameters()), list(model.parameters())
+    ema_params = list(ema.parameters())
     schedule = DDPMSchedule(linear_betas(1000))
-    noise_args = argparse.Namespace(global_seed=0, time_weighting="uniform", class_dropout_prob=0.1)
+    step_args = argparse.Namespace(global_seed=0, time_weighting="uniform", class_dropout_prob=0.1, proj_coeff=0.5,
+                                   max_grad_norm=1.0, ema_decay=0.9999)  # train.py's defaults
     pinned = lambda v: v.pin_memory() if b.cuda else v  # noqa: E731 (as train.py's loader delivers batches)
     x_host, y_host = pinned(torch.randn(B, 4, L, L)), pinned(torch.randint(0, args.num_classes, (B,)))
     h = min(256, (L // model.patch_size) ** 2)
@@ -201,18 +200,9 @@ def bench_train(b, mode):
 
     def one():
         x, y = x_host.to(device, non_blocking=True), y_host.to(device, non_blocking=True)
-        noise, t, drop = step_noise(noise_args, b.objective, step[0], (B, 4, L, L), device, 0, B)
-        with b.autocast():
-            fwd = functools.partial(net, force_drop_ids=drop.long())
-            loss_diff, zs = diffusion_loss(b.objective, fwd, x, y, t, noise, schedule)
-            loss = loss_diff.mean()
-            if args.proj:
-                loss = loss + 0.5 * projection_loss(zs, [vis_host.to(device, non_blocking=True)]).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        update_ema(ema_params, params, 0.9999)
+        noise, t, drop = step_noise(step_args, b.objective, step[0], (B, 4, L, L), device, 0, B)
+        vis = vis_host.to(device, non_blocking=True) if args.proj else None
+        train_step(net, model, opt, ema_params, x, y, vis, noise, t, drop, b.objective, schedule, b.autocast(), step_args)
         step[0] += 1
 
     b.reset_memory()
@@ -318,15 +308,14 @@ def bench_loader(b):
         loader = torch.utils.data.DataLoader(data, batch_size=None, sampler=range(0, (args.warmup + args.iters + 1) * per_iter),
                                              num_workers=args.num_workers, pin_memory=b.cuda,
                                              persistent_workers=args.num_workers > 0)
-        it = iter(loader)
+        batches = iter(loader)
 
         def one():
             for _ in range(per_iter):
-                batch = next(it)
-                _ = [v.to(b.device, non_blocking=True) for v in batch]
+                _ = [v.to(b.device, non_blocking=True) for v in next(batches)]
         b.reset_memory()
         seconds = b.time(one)
-        del it, loader
+        batches = loader = None  # stop the workers before the directory goes
     b.add("loader", f"{args.num_workers} worker{'s' * (args.num_workers != 1)}",
           f"StepBatches from a {args.loader_images}-image memmap"
           f"{' with flips' if args.flip else ''}{' + vis.npy' if args.proj else ''}, {per_iter} batches per iteration",

@@ -93,6 +93,27 @@ def update_ema(ema_params, params, decay):
     torch._foreach_lerp_(ema_params, params, 1 - decay)
 
 
+def train_step(net, model, opt, ema_params, x, y, vis, noise, t, drop, objective, schedule, autocast, args):
+    """
+    One optimisation step: L_diff (+ proj_coeff * L_proj with vis), backward, clipping, AdamW,
+    EMA. net is the (DDP/compiled) model to call, model the bare one. Returns the two losses as
+    detached device scalars, so the step never waits on the device.
+    """
+    with autocast:
+        fwd = functools.partial(net, force_drop_ids=drop.long())
+        loss_diff, zs = diffusion_loss(objective, fwd, x, y, t, noise, schedule)
+        loss_diff = loss_diff.mean()
+        loss_proj = projection_loss(zs, [vis]).mean() if vis is not None else torch.zeros((), device=x.device)
+        loss = loss_diff + args.proj_coeff * loss_proj
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if args.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+    opt.step()
+    update_ema(ema_params, list(model.parameters()), args.ema_decay)
+    return loss_diff.detach(), loss_proj.detach()
+
+
 def check_inputs(args, world):
     """Every bad-input error, before anything is written."""
     if args.model not in DiT_models:
@@ -180,7 +201,7 @@ def main(args):
     ddp = DDP(model, device_ids=[device.index] if cuda else None) if world > 1 else model
     compile_on = cuda if args.compile is None else args.compile
     net = torch.compile(ddp) if compile_on else ddp
-    ema_params, params = list(ema.parameters()), list(model.parameters())
+    ema_params = list(ema.parameters())
 
     if rank == 0:
         os.makedirs(os.path.join(args.results_dir, "checkpoints"), exist_ok=True)
@@ -214,22 +235,9 @@ def main(args):
     for batch in tqdm(loader, initial=step, total=args.max_steps, disable=rank != 0, dynamic_ncols=True):
         x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
         noise, t, drop = step_noise(args, objective, step, shape, device, lo, hi)
-        with autocast:
-            fwd = functools.partial(net, force_drop_ids=drop.long())
-            loss_diff, zs = diffusion_loss(objective, fwd, x, y, t, noise, schedule)
-            loss = loss_diff.mean()
-            if vis is not None:
-                loss_proj = projection_loss(zs, [batch[2].to(device, non_blocking=True)]).mean()
-                loss = loss + args.proj_coeff * loss_proj
-            else:
-                loss_proj = torch.zeros((), device=device)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if args.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        opt.step()
-        update_ema(ema_params, params, args.ema_decay)
-        run_loss += torch.stack([loss_diff.mean().detach(), loss_proj.detach()])
+        vis_batch = batch[2].to(device, non_blocking=True) if vis is not None else None
+        losses = train_step(net, model, opt, ema_params, x, y, vis_batch, noise, t, drop, objective, schedule, autocast, args)
+        run_loss += torch.stack(losses)
         step += 1
         log_steps += 1
 
