@@ -299,10 +299,7 @@ def finalize(partial, out, meta, logger):
     if os.path.exists(os.path.join(partial, "request.json")):
         os.remove(os.path.join(partial, "request.json"))
     logger.info(f"wrote {out}: {meta['count']} rows of {meta['parent']}")
-    for h in list(logger.handlers):
-        h.close()
-        logger.removeHandler(h)
-    replace_dir(partial, out)
+    replace_dir(partial, out, logger)
 
 
 def main(args):

@@ -107,8 +107,12 @@ def atomic_save(obj, path, fmt=None):
             os.remove(tmp)
 
 
-def replace_dir(partial, out):
-    """Put the finished directory `partial` at `out`; an existing `out` (--overwrite) stays until then."""
+def replace_dir(partial, out, logger=None):
+    """Put the finished directory `partial` at `out`; an existing `out` (--overwrite) stays until
+    then. The logger's files (which may live in `partial`) are closed first."""
+    for h in list(logger.handlers if logger else []):
+        h.close()
+        logger.removeHandler(h)
     if os.path.exists(out):
         old = out + ".old"
         shutil.rmtree(old, ignore_errors=True)

@@ -129,10 +129,7 @@ def finalize(partial, out, meta, logger):
             os.remove(os.path.join(partial, name))
     logger.info(f"wrote {out}: {meta['count']} images, latents {meta['latent_shape']}"
                 f"{' x 2 flips' if meta['flip'] else ''}, {len(meta['skipped'])} skipped")
-    for h in list(logger.handlers):
-        h.close()
-        logger.removeHandler(h)
-    replace_dir(partial, out)
+    replace_dir(partial, out, logger)
 
 
 def main(args):
