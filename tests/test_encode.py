@@ -2,7 +2,6 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from launch import script_cmd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,16 +56,8 @@ def pixels(root, files, size):
     return np.stack(crops).transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def encode(*args, ranks=1):
-    launch = [sys.executable] if ranks == 1 else [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", f"--master_port={free_port()}"]
-    return subprocess.run(launch + ["encode.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run(script_cmd("encode.py", ranks) + [*map(str, args)], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
 
 

@@ -9,7 +9,6 @@ produce N(mu_c, S^2 I). The CLI is run as a subprocess on a tiny random network 
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -23,6 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import diffusion as D  # noqa: E402
 import models  # noqa: E402
+from launch import script_cmd
 
 S = 0.5                                   # data standard deviation
 MU = (-1.0, 1.5)                          # class means (every coordinate)
@@ -208,18 +208,9 @@ def test_respaced_betas_keep_the_marginals_of_the_kept_steps():
 
 # ----------------------------------------------------------------------------- sample.py
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def cli(*args, nproc=1, check=True):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "sample.py", *map(str, args)]
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={free_port()}", *cmd[1:]]
+    cmd = script_cmd("sample.py", nproc) + [*map(str, args)]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     if check:
         assert p.returncode == 0, p.stdout + p.stderr

@@ -3,7 +3,6 @@ batch size, resumption, a trained model's ordering, existing outputs and bad inp
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -16,6 +15,7 @@ sys.path.insert(0, ROOT)
 import models  # noqa: E402
 import score  # noqa: E402
 from diffusion import DDPMSchedule, ddpm_loss, linear_betas  # noqa: E402
+from launch import script_cmd
 
 N, C, S, K, T = 12, 4, 8, 3, 4           # images, latent channels, latent side, classes, timesteps
 KWARGS = dict(input_size=S, in_channels=C, num_classes=K)
@@ -48,14 +48,7 @@ def make_data(d, latents, labels, meta):
 
 
 def run(args, nproc=1):
-    if nproc == 1:
-        cmd = [sys.executable, "score.py"]
-    else:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={port}", "score.py"]
+    cmd = script_cmd("score.py", nproc)
     return subprocess.run(cmd + [str(a) for a in args], cwd=ROOT, env=ENV, capture_output=True, text=True,
                           timeout=120)
 

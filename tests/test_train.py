@@ -2,9 +2,7 @@
 import json
 import math
 import os
-import socket
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,6 +10,7 @@ import torch
 
 from diffusion import (DDPMSchedule, ddpm_loss, linear_betas, normal_kl, projection_loss, q_posterior, q_sample,
                        sit_loss)
+from launch import script_cmd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -116,17 +115,10 @@ def make_dataset(path, n=24, classes=3, flips=True, vis_tokens=4, text=True, siz
     return path
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def train(data, results, *extra, nproc=1, check=True):
     base = ["train.py", "--data-path", str(data), "--results-dir", str(results), "--global-batch-size", "8",
             "--log-every", "2", "--num-workers", "0", "--ema-decay", "0.9", *map(str, extra)]
-    cmd = [sys.executable, *base] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}", *base]
+    cmd = script_cmd(base[0], nproc) + base[1:]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     if check:
@@ -199,9 +191,7 @@ def test_bad_input_gives_one_clear_error_and_writes_nothing(tmp_path, setup, fla
         make_dataset(data, text=False, vis_tokens=4 if setup != "vistokens" else 5)
         if setup == "visrows":
             np.save(data / "vis.npy", np.zeros((5, 2, 4, 12), np.float16))
-    launch = [sys.executable] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
-    cmd = [*launch, "train.py", "--data-path", str(data), "--results-dir", str(tmp_path / "r"),
+    cmd = [*script_cmd("train.py", nproc), "--data-path", str(data), "--results-dir", str(tmp_path / "r"),
            "--model", "DiT-T/4", "--max-steps", "1", "--global-batch-size", "8", *flags]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
