@@ -13,6 +13,8 @@ Writes: DIR/000000.png ... one PNG per sample index; indices already there are s
 Sample i depends only on --global-seed, i and the settings, not on the number of processes
 or the batch size: its label, initial noise and every stochastic step's noise come from its
 own generator, seeded with global_seed * 1_000_003 + i.
+On CUDA the network runs compiled in bf16 autocast; --precision fp32 samples in fp32 with TF32
+matmuls, as the public DiT/SiT/REPA sampling scripts do.
 
     torchrun --nproc_per_node=8 sample.py --ckpt results/000-DiT-L-2/checkpoints/0100000.pt \\
         --num-fid-samples 50000 --cfg-scale 1.5 --sample-dir samples/d2c-dit-l
@@ -159,7 +161,7 @@ def main(args):
                 "guidance_high": args.guidance_high, "cfg_channels": args.cfg_channels,
                 "global_seed": args.global_seed, "class_balanced": args.class_balanced,
                 "num_fid_samples": args.num_fid_samples if args.class_balanced else None,
-                "image_size": image_size}
+                "image_size": image_size, "precision": args.precision if cuda else "fp32"}
     spath = os.path.join(out, "settings.json")
     if os.path.exists(spath):  # every rank checks, so every rank stops with the same message
         with open(spath) as fh:
@@ -186,7 +188,7 @@ def main(args):
                 f"[{args.guidance_low}, {args.guidance_high}]; vae {vae_name}, {image_size}px; "
                 f"{n - len(todo)} of {n} samples exist, {len(todo)} to make on {world} process(es)")
 
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda and args.precision == "bf16")
     shape = (C, size, size)
     bar = tqdm(total=len(todo), unit="img", disable=rank != 0)
     start = time.time()
@@ -260,4 +262,7 @@ if __name__ == "__main__":
     parser.add_argument("--grid", type=int, default=64, help="samples in DIR_grid.png (0: none)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                         help="torch.compile the network on CUDA")
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                        help="network precision on CUDA: bf16 autocast, or fp32 with TF32 matmuls as the public "
+                             "DiT/SiT/REPA sampling scripts (CPU is always fp32)")
     main(parser.parse_args())

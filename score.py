@@ -31,7 +31,8 @@ The score of image i (latent x, label c) over T timesteps t_j with one noise eps
 The paper does not say how many timesteps it averages; --num-timesteps defaults to 10, the
 stratification keeping the estimate's spread small next to the spread between images, and the
 cost is linear in T. One forward evaluates the T timesteps of --batch-size images (B*T rows).
-On CUDA: bf16 autocast, TF32 and torch.compile (--no-compile to skip); fp32 eager on CPU.
+On CUDA: bf16 autocast (--precision fp32 to skip), TF32 and torch.compile (--no-compile to skip);
+fp32 eager on CPU.
 """
 import argparse
 import json
@@ -201,6 +202,7 @@ def main(args):
 
     cuda = device.type == "cuda"
     compiled = cuda and not args.no_compile
+    bf16 = cuda and args.precision == "bf16"
     if cuda:
         fast_cuda_defaults()
     if compiled:
@@ -212,7 +214,7 @@ def main(args):
     logger.info(f"{args.data_path}: {n} images, latents {tuple(latents.shape[-3:])}, scorer {info['model']} "
                 f"({objective}{', reverse time' if info['reverse_time'] else ''}) from {args.ckpt}, "
                 f"{args.num_timesteps} timesteps, seed {args.global_seed}, {world} rank(s), "
-                f"{'bf16 autocast' if cuda else 'fp32'}{', compiled' if compiled else ''}")
+                f"{'bf16 autocast' if bf16 else 'fp32'}{', compiled' if compiled else ''}")
     logger.info(f"{len(chunks) - work.num_done()} of {len(chunks)} chunks to do: scoring {remaining} images")
 
     batches = work.batches(args.batch_size, args.stop_after_chunks)
@@ -229,7 +231,7 @@ def main(args):
         if compiled and B < args.batch_size:  # pad the short last batch of a chunk: no recompilation
             pad = args.batch_size - B
             x, y, t, noise = (torch.cat([v, v[:1].expand(pad, *v.shape[1:])]) for v in (x, y, t, noise))
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             s = score_batch(model, objective, schedule, x, y, t, noise)[:B].float().cpu()
         if not torch.isfinite(s).all():
             die(f"non-finite loss for images {lo}..{hi - 1} of {args.data_path} with --ckpt {args.ckpt}: the "
@@ -254,7 +256,7 @@ def main(args):
     elapsed = time.time() - start
     if rank == 0:
         atomic_save({"settings": settings, "scorer": info["model"], "objective": objective,
-                     "reverse_time": info["reverse_time"], "precision": "bf16" if cuda else "fp32",
+                     "reverse_time": info["reverse_time"], "precision": "bf16" if bf16 else "fp32",
                      "stats": {q: float(np.quantile(scores, p)) for q, p in
                                (("min", 0), ("median", 0.5), ("max", 1))}}, out_json)
         del scores, work
@@ -282,6 +284,8 @@ def get_parser():
     parser.add_argument("--num-workers", type=int, default=None,
                         help="loader workers per rank (default 4 on CUDA, 0 on CPU)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile on CUDA")
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                        help="network precision on CUDA: bf16 autocast or fp32 (TF32 matmuls); CPU is always fp32")
     parser.add_argument("--overwrite", action="store_true", help="recompute an existing scores.npy")
     parser.add_argument("--stop-after-chunks", type=int, default=None,
                         help="for testing resumption only: stop (exit status 1) after each rank finished this "

@@ -187,17 +187,19 @@ def main(args):
         model.y_embedder.text_emb.copy_(text["emb"].float())
         model.y_embedder.text_mask.copy_(text["mask"].bool())
     ema = deepcopy(model).requires_grad_(False)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+    model.to(device)
+    ema.to(device).eval()
+    # Built after the move: load_state_dict puts the moments on the parameters' device.
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                             betas=(0.9, 0.999), weight_decay=args.weight_decay, fused=cuda)
     step = 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
         step = ckpt["step"]
         torch.set_rng_state(ckpt["rng"]["torch"])
-    model.to(device)
-    ema.to(device).eval()
     ddp = DDP(model, device_ids=[device.index] if cuda else None) if world > 1 else model
     compile_on = cuda if args.compile is None else args.compile
     net = torch.compile(ddp) if compile_on else ddp
