@@ -1,7 +1,9 @@
 """
 Throughput on the device present (one device; --batch-size is per device) of the work the
 stages do: the training step of train.py, one model evaluation of the samplers with and without
-guidance, score.py's scoring, and train.py's data loader, each eager and under torch.compile.
+guidance, score.py's scoring, and train.py's data loader, each eager and under torch.compile;
+and the memory training at --batch-size needs (states + activations saved for backward, measured
+from a forward of 1 and 2 images in --precision, so a CPU predicts a GPU's need).
 
 Reads  nothing: random weights and random latents of shape (4, S/8, S/8) for --image-size S.
        The loader part writes a temporary dataset directory of random float16 latents
@@ -50,12 +52,13 @@ from common import atomic_save, die, fast_cuda_defaults
 from diffusion import SAMPLERS, DDPMSchedule, guided_model, linear_betas, objective_of, sample_time
 from models import SIZES, DiT_models, forward_macs
 from score import score_batch
-from train import StepBatches, step_noise, train_step
+from train import StepBatches, set_activation_memory_budget, step_noise, train_step
 
-PARTS = ("train", "sample", "score", "loader")
+PARTS = ("train", "sample", "score", "loader", "memory")
 MODES = ("eager", "compile")
 TRAIN_FLOPS_PER_MAC = 6   # forward 2 FLOPs per MAC, backward twice the forward
 REPA_Z_DIM = 768          # DINOv2-B features, the REPA projector's target
+STATE_BYTES_PER_PARAM = 20  # fp32 weight, gradient, AdamW's two moments, EMA copy
 
 # Dense tensor-core TFLOP/s from the vendors' data sheets (no sparsity): bf16, and TF32 for
 # --precision fp32 (fast_cuda_defaults runs fp32 matmuls in TF32). First match on the name wins.
@@ -148,8 +151,8 @@ class Bench:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
 
     def add(self, part, mode, what, images, seconds, flops_per_image, syncs=None):
-        ips, tflops, mfu = rates(images, seconds, flops_per_image, self.peak)
-        self.rows.append(dict(part=part, mode=mode, what=what, images=images, ms=1e3 * seconds,
+        ips, tflops, mfu = rates(images, seconds, flops_per_image, self.peak) if seconds else (None,) * 3
+        self.rows.append(dict(part=part, mode=mode, what=what, images=images, ms=seconds and 1e3 * seconds,
                               ms_each=[1e3 * t for t in self.times], images_per_s=ips,
                               flops_per_image=flops_per_image, tflops=tflops, mfu=mfu,
                               peak_mem_gib=self.peak_memory_gib(), syncs=syncs))
@@ -279,6 +282,49 @@ def bench_score(b, mode):
           b.count_syncs(one))
 
 
+def saved_activations(b, net, B, params):
+    """Bytes of the tensors the training forward of B images saves for backward (saved-tensor
+    hooks see eager and compiled graphs alike), leaving out the parameters themselves."""
+    x, y, t = b.batch(B)
+    store = {}
+
+    def pack(v):
+        ptr = v.untyped_storage().data_ptr()
+        if ptr not in params:
+            store[ptr] = v.untyped_storage().nbytes()
+        return v
+    with torch.autocast(b.device.type, dtype=torch.bfloat16, enabled=b.args.precision == "bf16"):
+        net(x, t, y)  # compiles outside the hooks
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda v: v):
+            net(x, t, y)
+    return sum(store.values())
+
+
+def bench_memory(b, mode):
+    """
+    What training at --batch-size needs to hold, measured without running it: the activations
+    the forward saves for backward per image (batch 2 minus batch 1, which also gives the part
+    that does not grow with the batch, e.g. the bf16 weight copies of autocast), plus
+    STATE_BYTES_PER_PARAM per parameter. A lower bound on the peak: the backward's transient
+    buffers and DDP's gradient buckets come on top. Runs in --precision on CPU too (CPU autocast),
+    so a CPU predicts what a GPU will need.
+    """
+    args = b.args
+    model = build_model(args, b.device, proj=args.proj)
+    net = compile_model(model, mode, dynamic=False)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    one, two = saved_activations(b, net, 1, params), saved_activations(b, net, 2, params)
+    per_image, fixed = two - one, 2 * one - two
+    states = STATE_BYTES_PER_PARAM * sum(p.numel() for p in model.parameters())
+    total = states + fixed + args.batch_size * per_image
+    b.times = []
+    b.add("memory", mode, f"training at batch {args.batch_size} ({args.precision}): weights+grads+AdamW+EMA "
+          f"{states / 2 ** 30:.2f} GiB + {fixed / 2 ** 30:.2f} GiB + saved activations {per_image / 2 ** 20:.1f} MiB/image "
+          f"= at least {total / 2 ** 30:.1f} GiB", None, None, None)
+    b.rows[-1].update(states_gib=states / 2 ** 30, fixed_gib=fixed / 2 ** 30,
+                      activations_mib_per_image=per_image / 2 ** 20, projected_gib=total / 2 ** 30)
+
+
 def write_dataset(path, args, latent, h):
     """Random float16 latents (and REPA features with --proj) in train.py's dataset layout."""
     n, rng = args.loader_images, np.random.default_rng(0)
@@ -391,6 +437,8 @@ def check_args(args):
         die(f"--tmp-dir {args.tmp_dir} is not a directory: create it or leave the flag out")
     if "compile" in args.modes and args.warmup < 1:
         die("--warmup must be at least 1 with --modes compile, so compilation is not timed")
+    if not 0 < args.activation_memory_budget <= 1:
+        die(f"--activation-memory-budget {args.activation_memory_budget}: use a fraction in (0, 1]")
     if "sample" in args.only and args.cfg_scale == 1:
         die("--cfg-scale 1 turns guidance off: the guided sampling rows need a scale other than 1")
 
@@ -411,6 +459,7 @@ def main(args):
             die("the flash attention backend refused some head dims (see the table)")
         return
     check_args(args)
+    set_activation_memory_budget(args.activation_memory_budget)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     b = Bench(args, device)
@@ -422,7 +471,7 @@ def main(args):
             continue
         for mode in args.modes:
             try:
-                {"train": bench_train, "sample": bench_sample, "score": bench_score}[part](b, mode)
+                {"train": bench_train, "sample": bench_sample, "score": bench_score, "memory": bench_memory}[part](b, mode)
             except torch.OutOfMemoryError:  # say so and go on: the other rows still hold
                 b.rows.append(dict(part=part, mode=mode, what=f"out of memory at batch {args.batch_size}", images=None,
                                    ms=None, ms_each=[], images_per_s=None, flops_per_image=None, tflops=None,
@@ -463,6 +512,9 @@ def parse_args(argv=None):
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers (train.py's default)")
     p.add_argument("--tmp-dir", default=None, help="where the loader's temporary dataset goes (default: TMPDIR)")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s for MFU (default: known GPUs' table)")
+    p.add_argument("--activation-memory-budget", type=float, default=1.0,
+                   help="torch.compile's activation memory budget in (0, 1]: below 1 the compiled training step "
+                        "saves fewer activations and recomputes more (as train.py's flag)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.add_argument("--check-flash", action="store_true",
                    help="only check that the flash SDPA backend takes every registry head dim, then exit")

@@ -88,6 +88,17 @@ def step_noise(args, objective, step, shape, device, lo, hi):
     return noise, t, drop
 
 
+def set_activation_memory_budget(budget):
+    """Below 1, torch.compile's partitioner keeps at most this fraction of the activations it would
+    save for backward and recomputes the rest: the way to fit a larger batch (no effect eager)."""
+    import torch._functorch.config as aot_config
+    if not hasattr(aot_config, "activation_memory_budget"):
+        if budget != 1:
+            die(f"--activation-memory-budget needs a newer torch than {torch.__version__}: upgrade or leave the flag out")
+        return
+    aot_config.activation_memory_budget = budget
+
+
 @torch.no_grad()
 def update_ema(ema_params, params, decay):
     torch._foreach_lerp_(ema_params, params, 1 - decay)
@@ -118,6 +129,8 @@ def check_inputs(args, world):
     """Every bad-input error, before anything is written."""
     if args.model not in DiT_models:
         die(f"--model {args.model} is unknown: choose one of {', '.join(DiT_models)}")
+    if not 0 < args.activation_memory_budget <= 1:
+        die(f"--activation-memory-budget {args.activation_memory_budget}: use a fraction in (0, 1]")
     if args.global_batch_size % world:
         die(f"--global-batch-size {args.global_batch_size} is not divisible by the {world} ranks; "
             f"use a multiple of {world}")
@@ -202,6 +215,7 @@ def main(args):
         torch.set_rng_state(ckpt["rng"]["torch"])
     ddp = DDP(model, device_ids=[device.index] if cuda else None) if world > 1 else model
     compile_on = cuda if args.compile is None else args.compile
+    set_activation_memory_budget(args.activation_memory_budget)
     net = torch.compile(ddp) if compile_on else ddp
     ema_params = list(ema.parameters())
 
@@ -297,6 +311,9 @@ def parse_args(argv=None):
     p.add_argument("--text-cond", action="store_true", help="DC-Embedding from DIR/text.pt")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: on CUDA)")
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="autocast on CUDA; CPU is always fp32")
+    p.add_argument("--activation-memory-budget", type=float, default=1.0,
+                   help="with --compile, a fraction in (0, 1] of the activations to keep for backward; lower "
+                        "recomputes more to fit a larger batch (bench.py --only memory measures the need)")
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--ckpt-every", type=int, default=10_000)

@@ -63,6 +63,49 @@ def test_flash_check_covers_every_registry_head_dim():
     assert all(status == "ok" for *_, status in rows)
 
 
+# ----------------------------------------------------------------------------- memory
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_saved_activations_are_what_backward_needs_of_two_linears(precision):
+    # y = (x W1^T) W2^T with x (B, 16), W1 (8, 16), W2 (3, 8). Backward keeps x for dW1, h = x W1^T
+    # for dW2 and W2 for dh (x needs no gradient, so W1 is not kept). fp32: x and h, 16 + 8 floats
+    # per image, W2 is the parameter itself (not counted). bf16 autocast: bf16 copies of x, h and W2.
+    from types import SimpleNamespace
+    torch.manual_seed(0)
+    w1, w2 = torch.nn.Parameter(torch.randn(8, 16)), torch.nn.Parameter(torch.randn(3, 8))
+    net = lambda x, t, y: torch.nn.functional.linear(torch.nn.functional.linear(x.flatten(1), w1), w2)  # noqa: E731
+    b = SimpleNamespace(device=torch.device("cpu"), args=SimpleNamespace(precision=precision),
+                        batch=lambda B: (torch.randn(B, 4, 2, 2), None, None))
+    params = {w.untyped_storage().data_ptr() for w in (w1, w2)}
+    size = 4 if precision == "fp32" else 2
+    for B in (1, 2, 5):
+        assert bench.saved_activations(b, net, B, params) == B * (16 + 8) * size + (0 if precision == "fp32" else 3 * 8 * 2)
+
+
+def test_a_lower_activation_memory_budget_makes_the_compiled_forward_save_less(monkeypatch):
+    import torch._functorch.config as aot_config
+    from types import SimpleNamespace
+    from train import set_activation_memory_budget
+    monkeypatch.setattr(aot_config, "activation_memory_budget", 1.0)  # restored after the test
+    b = SimpleNamespace(device=torch.device("cpu"), args=SimpleNamespace(precision="fp32"),
+                        batch=lambda B: (torch.randn(B, 4, 4, 4), None, None))
+
+    def saved(budget):
+        torch._dynamo.reset()
+        set_activation_memory_budget(budget)
+        torch.manual_seed(0)
+        mlp = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.LayerNorm(64), torch.nn.Linear(64, 256), torch.nn.GELU(),
+                                                        torch.nn.Linear(256, 64)) for _ in range(3)])
+        net = torch.compile(mlp, dynamic=False)
+        return bench.saved_activations(b, lambda x, t, y: net(x.flatten(1)), 64,
+                                       {p.untyped_storage().data_ptr() for p in mlp.parameters()})
+    full, half, tenth = saved(1.0), saved(0.5), saved(0.1)
+    torch._dynamo.reset()
+    # at least the 3 inputs and hidden layers of the 3 blocks, 64 x (3 x 64 + 3 x 256) floats, are kept at budget 1
+    assert full >= 64 * (3 * 64 + 3 * 256) * 4
+    assert half < 0.6 * full and tenth < half
+
+
 # ----------------------------------------------------------------------------- CLI
 
 @pytest.mark.parametrize("name", ["DiT-T/4", "SiT-T/4"])
@@ -80,7 +123,8 @@ def test_cli_runs_every_part_on_cpu_and_writes_consistent_json(tmp_path, name):
     rows = json.loads(out.read_text())["rows"]
     assert [(x["part"], x["mode"]) for x in rows] == [
         ("train", "eager"), ("sample", "eager"), ("sample", "eager"), ("sample", "eager"),
-        ("score", "eager"), ("loader", "1 worker")]
+        ("score", "eager"), ("loader", "1 worker"), ("memory", "eager")]
+    rows, memory = rows[:-1], rows[-1]
 
     ddpm = name.startswith("DiT")
     macs = forward_macs(DiT_models[name](input_size=8, learn_sigma=ddpm), 8)
@@ -97,6 +141,13 @@ def test_cli_runs_every_part_on_cpu_and_writes_consistent_json(tmp_path, name):
         else:
             assert row["tflops"] == pytest.approx(flops * row["images_per_s"] / 1e12)
             assert row["mfu"] == pytest.approx(row["tflops"] / 2)
+
+    # weights, gradients, two AdamW moments and the EMA: 5 fp32 numbers per parameter
+    params = sum(p.numel() for p in DiT_models[name](input_size=8, learn_sigma=ddpm, z_dims=[768], encoder_depth=4).parameters())
+    assert memory["states_gib"] == pytest.approx(20 * params / 2 ** 30)
+    assert memory["activations_mib_per_image"] > 0 and memory["images_per_s"] is None
+    assert memory["projected_gib"] == pytest.approx(
+        memory["states_gib"] + memory["fixed_gib"] + 2 * memory["activations_mib_per_image"] / 2 ** 10)
 
 
 def test_cli_rejects_an_unknown_model_with_one_line():

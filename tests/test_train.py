@@ -182,6 +182,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_last_good_checkpoint(tmp_pa
     ("vistokens", [], "smaller --vis-tokens", 1),
     ("ok", ["--global-batch-size", "7"], "not divisible by the 2 ranks", 2),
     ("ok", ["--text-cond"], "run attach.py", 1),
+    ("ok", ["--activation-memory-budget", "0"], "use a fraction in (0, 1]", 1),
 ])
 def test_bad_input_gives_one_clear_error_and_writes_nothing(tmp_path, setup, flags, message, nproc):
     data = tmp_path / "data"
