@@ -21,15 +21,15 @@ fp32 on CPU.
 
     python bench.py --model SiT-XL/2 --image-size 256 --batch-size 256 --precision bf16 --proj
 
-The README's numbers came from (CPU: 2 cores of an AMD EPYC, shared with other jobs):
+The README's numbers came from (CPU: 2 cores of an AMD EPYC):
     python bench.py --model SiT-S/2 --image-size 256 --batch-size 16 --warmup 2 --iters 7 \
         --only train,loader --json results/bench_cpu_train.json
-    OMP_NUM_THREADS=1 python bench.py --model SiT-S/2 --image-size 256 --batch-size 16 --warmup 2 \
-        --iters 5 --only train --json results/bench_cpu_train_1thread.json
     OMP_NUM_THREADS=1 python bench.py --model SiT-S/2 --image-size 256 --batch-size 16 --warmup 1 \
         --iters 5 --only sample,score,loader --json results/bench_cpu_infer_1thread.json
-GPU (one H100 SXM; not yet measured):
+    python bench.py --model SiT-XL/2 --image-size 256 --batch-size 256 --proj --only memory
+GPU (one H100 SXM; not yet measured; batch 256 of SiT-XL/2 needs more than its 80 GB, see --only memory):
     python bench.py --check-flash
+    python bench.py --model SiT-XL/2 --image-size 256 --batch-size 128 --precision bf16 --proj --only train
     python bench.py --model SiT-XL/2 --image-size 256 --batch-size 256 --precision bf16 --proj \
         --json results/bench_h100.json
     python bench.py --model SiT-XL/2 --image-size 256 --batch-size 256 --only sample --modes compile \
@@ -307,7 +307,9 @@ def bench_memory(b, mode):
     that does not grow with the batch, e.g. the bf16 weight copies of autocast), plus
     STATE_BYTES_PER_PARAM per parameter. A lower bound on the peak: the backward's transient
     buffers and DDP's gradient buckets come on top. Runs in --precision on CPU too (CPU autocast),
-    so a CPU predicts what a GPU will need.
+    so a CPU predicts what a GPU will need. Not a measure of --activation-memory-budget: what the
+    partitioner then recomputes depends on the batch (at 1 and 2 images it may drop only the
+    weight copies); see its effect in the train rows' peak memory at the real batch.
     """
     args = b.args
     model = build_model(args, b.device, proj=args.proj)
