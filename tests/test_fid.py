@@ -50,6 +50,7 @@ def test_frechet_distance_matches_symmetric_eigendecomposition_formula_for_gener
     assert fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-8)
 
 
+@pytest.mark.filterwarnings("ignore:Matrix is singular")  # scipy's, for the zero covariances on purpose
 def test_frechet_distance_of_identical_statistics_is_zero_and_of_zero_covariances_is_mean_distance():
     rng = np.random.default_rng(3)
     a = rng.normal(size=(8, 8))
