@@ -213,12 +213,12 @@ def main(args):
         with autocast:
             x = diffusion.SAMPLERS[sampler](f, z.to(device), args.num_steps, **kw)
         images = to_uint8(x, vae, latent_scale)
-        for f in writing:  # the previous batch's PNGs were encoded while this batch was sampled
-            f.result()
+        for job in writing:  # the previous batch's PNGs were encoded while this batch was sampled
+            job.result()
         writing = [png_pool.submit(save_png, im, f"{out}/{i:06d}.png") for i, im in zip(idx, images)]
         bar.update(min(len(idx) * world, bar.total - bar.n))  # rank 0's pace stands for all
-    for f in writing:
-        f.result()
+    for job in writing:
+        job.result()
     png_pool.shutdown()
     bar.close()
     if todo:
