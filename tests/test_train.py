@@ -96,6 +96,43 @@ def test_projection_loss_is_negative_mean_cosine_over_first_h_tokens():
     torch.testing.assert_close(projection_loss([z], [v]), torch.tensor([expected]))
 
 
+@pytest.mark.parametrize("name", ["DiT-T/4", "SiT-T/4"])
+def test_bf16_autocast_step_keeps_fp32_weights_and_ema_and_matches_the_fp32_losses(name):
+    # train.py's CUDA precision through CPU autocast (same dtype rules), with every optional part
+    # on: qk-norm, DC-Embedding text, the REPA projector, fused AdamW, clipping, EMA
+    import argparse
+    from copy import deepcopy
+    from models import DiT_models
+    from train import step_noise, train_step
+    objective = "ddpm" if name.startswith("DiT") else "sit"
+    args = argparse.Namespace(global_seed=0, time_weighting="uniform", class_dropout_prob=0.1, proj_coeff=0.5,
+                              max_grad_norm=1.0, ema_decay=0.9)
+    g = torch.Generator().manual_seed(0)
+    x, vis = torch.randn(4, 4, 16, 16, generator=g), torch.randn(4, 16, 32, generator=g)
+    y, text = torch.randint(0, 10, (4,), generator=g), torch.randn(10, 5, 12, generator=g)
+    noise, t, drop = step_noise(args, objective, 0, x.shape, "cpu", 0, 4)
+    losses = []
+    for bf16 in (False, True):
+        torch.manual_seed(0)
+        model = DiT_models[name](input_size=16, num_classes=10, learn_sigma=objective == "ddpm", qk_norm=True,
+                                 z_dims=[32], encoder_depth=2, text_len=5, text_dim=12)
+        for p in model.parameters():  # the zero-initialised layers would hide the precision
+            p.data.normal_(0, 0.05)
+        model.y_embedder.text_emb.copy_(text)
+        model.y_embedder.text_mask.fill_(True)
+        ema = deepcopy(model).requires_grad_(False)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+        out = train_step(model, model, opt, list(ema.parameters()), x, y, vis, noise, t, drop, objective,
+                         DDPMSchedule(linear_betas(1000)), autocast, args)
+        losses.append(torch.stack(out))
+        assert all(p.dtype == torch.float32 for p in [*model.parameters(), *ema.parameters()])
+        assert all(s.dtype == torch.float32 for st in opt.state.values() for k, s in st.items() if k != "step")
+    fp32, bf16 = losses
+    assert bf16.dtype == torch.float32 and not torch.equal(fp32, bf16)  # the step really ran in bf16
+    torch.testing.assert_close(bf16, fp32, rtol=0.03, atol=1e-3)
+
+
 # ----------------------------------------------------------------------------- the script
 
 def make_dataset(path, n=24, classes=3, flips=True, vis_tokens=4, text=True, size=8):
