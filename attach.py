@@ -295,11 +295,8 @@ def vis_tokens(fn, img, res, h, flip, device):
 
 def finalize(partial, out, meta, logger):
     """Rank 0: drop the bookkeeping, then put the finished directory in place atomically."""
-    shutil.rmtree(os.path.join(partial, "done"), ignore_errors=True)
-    if os.path.exists(os.path.join(partial, "request.json")):
-        os.remove(os.path.join(partial, "request.json"))
     logger.info(f"wrote {out}: {meta['count']} rows of {meta['parent']}")
-    replace_dir(partial, out, logger)
+    replace_dir(partial, out, logger, drop=("done", "request.json"))
 
 
 def main(args):

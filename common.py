@@ -107,9 +107,16 @@ def atomic_save(obj, path, fmt=None):
             os.remove(tmp)
 
 
-def replace_dir(partial, out, logger=None):
-    """Put the finished directory `partial` at `out`; an existing `out` (--overwrite) stays until
-    then. The logger's files (which may live in `partial`) are closed first."""
+def replace_dir(partial, out, logger=None, drop=()):
+    """Put the finished directory `partial` at `out`, without its bookkeeping entries `drop`
+    (files or directories); an existing `out` (--overwrite) stays until then. The logger's files
+    (which may live in `partial`) are closed first."""
+    for name in drop:
+        path = os.path.join(partial, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.exists(path):
+            os.remove(path)
     for h in list(logger.handlers if logger else []):
         h.close()
         logger.removeHandler(h)

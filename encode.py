@@ -123,13 +123,9 @@ def same_settings(meta, request):
 
 def finalize(partial, out, meta, logger):
     """Rank 0: drop the bookkeeping files, then put the finished directory in place atomically."""
-    shutil.rmtree(os.path.join(partial, "done"), ignore_errors=True)
-    for name in ("valid.npy", "request.json", "latents.compact.npy"):
-        if os.path.exists(os.path.join(partial, name)):
-            os.remove(os.path.join(partial, name))
     logger.info(f"wrote {out}: {meta['count']} images, latents {meta['latent_shape']}"
                 f"{' x 2 flips' if meta['flip'] else ''}, {len(meta['skipped'])} skipped")
-    replace_dir(partial, out, logger)
+    replace_dir(partial, out, logger, drop=("done", "valid.npy", "request.json", "latents.compact.npy"))
 
 
 def main(args):
