@@ -439,8 +439,6 @@ def check_args(args):
         die(f"--tmp-dir {args.tmp_dir} is not a directory: create it or leave the flag out")
     if "compile" in args.modes and args.warmup < 1:
         die("--warmup must be at least 1 with --modes compile, so compilation is not timed")
-    if not 0 < args.activation_memory_budget <= 1:
-        die(f"--activation-memory-budget {args.activation_memory_budget}: use a fraction in (0, 1]")
     if "sample" in args.only and args.cfg_scale == 1:
         die("--cfg-scale 1 turns guidance off: the guided sampling rows need a scale other than 1")
 

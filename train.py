@@ -91,6 +91,8 @@ def step_noise(args, objective, step, shape, device, lo, hi):
 def set_activation_memory_budget(budget):
     """Below 1, torch.compile's partitioner keeps at most this fraction of the activations it would
     save for backward and recomputes the rest: the way to fit a larger batch (no effect eager)."""
+    if not 0 < budget <= 1:
+        die(f"--activation-memory-budget {budget}: use a fraction in (0, 1]")
     import torch._functorch.config as aot_config
     if not hasattr(aot_config, "activation_memory_budget"):
         if budget != 1:
@@ -129,8 +131,6 @@ def check_inputs(args, world):
     """Every bad-input error, before anything is written."""
     if args.model not in DiT_models:
         die(f"--model {args.model} is unknown: choose one of {', '.join(DiT_models)}")
-    if not 0 < args.activation_memory_budget <= 1:
-        die(f"--activation-memory-budget {args.activation_memory_budget}: use a fraction in (0, 1]")
     if args.global_batch_size % world:
         die(f"--global-batch-size {args.global_batch_size} is not divisible by the {world} ranks; "
             f"use a multiple of {world}")
@@ -174,6 +174,7 @@ def main(args):
     if args.encoder_depth is None:
         args.encoder_depth = 8 if args.model.split("-")[1].startswith(("L", "XL")) else 4
     latents, labels, meta, vis, text = check_inputs(args, world)
+    set_activation_memory_budget(args.activation_memory_budget)
     resume = latest_checkpoint(args.results_dir)
     ckpt = torch.load(resume, map_location="cpu", weights_only=False) if resume else None
     if ckpt is not None:
@@ -215,7 +216,6 @@ def main(args):
         torch.set_rng_state(ckpt["rng"]["torch"])
     ddp = DDP(model, device_ids=[device.index] if cuda else None) if world > 1 else model
     compile_on = cuda if args.compile is None else args.compile
-    set_activation_memory_budget(args.activation_memory_budget)
     net = torch.compile(ddp) if compile_on else ddp
     ema_params = list(ema.parameters())
 
