@@ -199,9 +199,11 @@ def main(args):
         idx = mine[b:b + args.per_proc_batch_size]
         gens, y, z = draw_batch(idx, shape, num_classes, args, balanced)
 
-        def noise(gens=gens):  # pinned, so the copy does not wait for the device to finish the last step
-            n = torch.stack([torch.randn(shape, generator=g) for g in gens])
-            return n.pin_memory().to(device, non_blocking=True) if cuda else n
+        def noise(gens=gens):  # drawn into pinned memory: the copy does not wait for the device
+            n = torch.empty(len(gens), *shape, pin_memory=cuda)
+            for row, g in zip(n, gens):
+                torch.randn(shape, generator=g, out=row)
+            return n.to(device, non_blocking=True)
 
         f = diffusion.guided_model(net, y.to(device), args.cfg_scale, args.guidance_low, args.guidance_high,
                                    args.cfg_channels, null_class=num_classes)
