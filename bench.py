@@ -52,7 +52,7 @@ from common import atomic_save, die, fast_cuda_defaults
 from diffusion import SAMPLERS, DDPMSchedule, guided_model, linear_betas, objective_of, sample_time
 from models import SIZES, DiT_models, forward_macs
 from score import score_batch
-from train import StepBatches, set_activation_memory_budget, step_noise, train_step
+from train import StepBatches, default_encoder_depth, set_activation_memory_budget, step_noise, train_step
 
 PARTS = ("train", "sample", "score", "loader", "memory")
 MODES = ("eager", "compile")
@@ -89,17 +89,12 @@ def rates(images, seconds, flops_per_image, peak=None):
     return ips, tflops, (tflops / peak if peak and tflops is not None else None)
 
 
-def encoder_depth(model_name):
-    """train.py's default block after which REPA aligns the tokens."""
-    return 8 if model_name.split("-")[1].startswith(("L", "XL")) else 4
-
-
 def build_model(args, device, proj=False):
     """The registry network as train.py builds it for latents (4, S/8, S/8), random weights."""
     kwargs = dict(input_size=args.image_size // 8, in_channels=4, num_classes=args.num_classes,
                   learn_sigma=objective_of(args.model) == "ddpm")
     if proj:
-        kwargs.update(z_dims=[REPA_Z_DIM], encoder_depth=encoder_depth(args.model))
+        kwargs.update(z_dims=[REPA_Z_DIM], encoder_depth=default_encoder_depth(args.model))
     torch.manual_seed(0)
     return DiT_models[args.model](**kwargs).to(device)
 

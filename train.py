@@ -88,6 +88,11 @@ def step_noise(args, objective, step, shape, device, lo, hi):
     return noise, t, drop
 
 
+def default_encoder_depth(model_name):
+    """REPA's block for the alignment: 8 for L and XL, 4 for the smaller sizes."""
+    return 8 if model_name.split("-")[1].startswith(("L", "XL")) else 4
+
+
 def set_activation_memory_budget(budget):
     """Below 1, torch.compile's partitioner keeps at most this fraction of the activations it would
     save for backward and recomputes the rest: the way to fit a larger batch (no effect eager)."""
@@ -172,7 +177,7 @@ def latest_checkpoint(results_dir):
 def main(args):
     rank, world, device = setup_distributed()
     if args.encoder_depth is None:
-        args.encoder_depth = 8 if args.model.split("-")[1].startswith(("L", "XL")) else 4
+        args.encoder_depth = default_encoder_depth(args.model)
     latents, labels, meta, vis, text = check_inputs(args, world)
     set_activation_memory_budget(args.activation_memory_budget)
     resume = latest_checkpoint(args.results_dir)
