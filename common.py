@@ -1,24 +1,98 @@
 """
-Helpers that more than one stage script needs: clear errors, torchrun setup, atomic files,
-resumable sharded outputs, the dataset directory, the ADM center crop and checkpoint loading.
-Stage scripts import from here; they never import each other.
+Helpers that more than one stage script needs: clear errors and interruption, torchrun setup,
+progress bars, atomic files, the resumable output of a stage, the dataset directory, pretrained
+parts from a hub, the ADM center crop and checkpoint loading. Stage scripts import from here;
+they never import each other.
 """
+import argparse
 import json
 import logging
 import os
 import shutil
+import signal
+import socket
 import sys
+import weakref
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 
-# ----------------------------------------------------------------------------- errors
+# ----------------------------------------------------------------------------- errors, interruption, CLI
 
-def die(msg):
-    """Stop with one clear line on stderr and exit status 1 (every rank says the same)."""
-    raise SystemExit(f"error: {msg}")
+_BARS = weakref.WeakSet()
+
+
+def die(msg, code=1):
+    """Stop with one clear line on stderr (every rank says the same). Open progress bars are closed
+    first, so the message is the last line the user sees."""
+    for bar in list(_BARS):
+        bar.close()
+    sys.stderr.flush()
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def run(main, args):
+    """Run a stage's main. SIGTERM (a cluster's preemption notice) is treated as Ctrl-C: either ends
+    with one line and the stage's partial work kept for the rerun."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        main(args)
+    except KeyboardInterrupt:
+        die("interrupted; rerun the same command to continue", code=130)
+
+
+def quiet_worker(_):
+    """DataLoader worker_init_fn: Ctrl-C and SIGTERM are the main process's to handle (a worker
+    killed by them would turn a clean stop into a 'worker exited unexpectedly' traceback)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help keeps the docstring's layout and shows every default."""
+
+
+def parser(doc):
+    return argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
+
+
+def add_compile_flag(p):
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the network (default: on CUDA, off on CPU)")
+
+
+def add_output_flags(p, chunk_size, unit="rows"):
+    """The flags of every stage built on Output."""
+    p.add_argument("--chunk-size", type=int, default=chunk_size,
+                   help=f"{unit} per resumable unit of work (a killed run loses at most one chunk per rank)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output made with other settings")
+    p.add_argument("--stop-after-chunks", type=int, default=None,
+                   help="for testing resumption only: stop (exit status 1) after each rank finished this many "
+                        "chunks, as if the job had been killed")
+
+
+def default_workers(cap=4):
+    """Loader workers per rank: at most `cap`, and no more than the cores this process may use."""
+    return min(cap, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def compile_on(args, device):
+    return device.type == "cuda" if args.compile is None else args.compile
+
+
+def item_seed(global_seed, index):
+    """The seed of item `index` (an image, a sample, a training step): every random draw of a stage
+    comes from it, so results do not depend on the number of ranks or the batch size."""
+    return global_seed * 1_000_003 + index
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -80,92 +154,161 @@ def create_logger(log_dir, rank, name="d2c"):
     return logger
 
 
+class _Lines:
+    """A file for tqdm that turns each carriage-return redraw into one plain line (for logs)."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def write(self, s):
+        s = s.replace("\r", "").strip()
+        if s:
+            self.f.write(s + "\n")
+
+    def flush(self):
+        self.f.flush()
+
+
+def progress(iterable=None, rank=0, **kw):
+    """A tqdm bar on rank 0; into a file or pipe (a job's log) one line every 5 s instead of redraws."""
+    tty = sys.stderr.isatty()
+    bar = tqdm(iterable, disable=rank != 0, dynamic_ncols=tty, mininterval=0.1 if tty else 5,
+               file=sys.stderr if tty else _Lines(sys.stderr), **kw)
+    _BARS.add(bar)
+    return bar
+
+
 # ----------------------------------------------------------------------------- atomic files
 
-def atomic_save(obj, path, fmt=None):
-    """
-    Write obj to path so that readers only ever see a complete file: write to path.tmp, then
-    rename. fmt is 'npy', 'json', 'torch' or 'text' (default: from the extension).
-    """
-    fmt = fmt or {".npy": "npy", ".json": "json", ".txt": "text"}.get(os.path.splitext(path)[1], "torch")
+def atomic_write(path, write):
+    """Readers only ever see a complete file: write(tmp) fills a temporary name, which is then renamed."""
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
-        if fmt == "npy":
-            with open(tmp, "wb") as f:
-                np.save(f, obj)
-        elif fmt == "json":
-            with open(tmp, "w") as f:
-                json.dump(obj, f, indent=2)
-        elif fmt == "text":
-            with open(tmp, "w") as f:
-                f.write(obj)
-        else:
-            torch.save(obj, tmp)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
-def replace_dir(partial, out, logger=None, drop=()):
-    """Put the finished directory `partial` at `out`, without its bookkeeping entries `drop`
-    (files or directories); an existing `out` (--overwrite) stays until then. The logger's files
-    (which may live in `partial`) are closed first."""
-    for name in drop:
-        path = os.path.join(partial, name)
-        if os.path.isdir(path):
-            shutil.rmtree(path, ignore_errors=True)
-        elif os.path.exists(path):
-            os.remove(path)
-    for h in list(logger.handlers if logger else []):
-        h.close()
-        logger.removeHandler(h)
-    if os.path.exists(out):
-        old = out + ".old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(out, old)
-        os.rename(partial, out)
-        shutil.rmtree(old)
-    else:
-        os.rename(partial, out)
+def atomic_save(obj, path, fmt=None):
+    """atomic_write of obj as 'npy', 'json', 'text' or 'torch' (default: from the extension)."""
+    fmt = fmt or {".npy": "npy", ".json": "json", ".txt": "text"}.get(os.path.splitext(path)[1], "torch")
+
+    def write(tmp):
+        if fmt == "torch":
+            return torch.save(obj, tmp)
+        with open(tmp, "wb" if fmt == "npy" else "w") as f:
+            np.save(f, obj) if fmt == "npy" else json.dump(obj, f, indent=2) if fmt == "json" else f.write(obj)
+    atomic_write(path, write)
 
 
-# ----------------------------------------------------------------------------- resumable sharded work
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
-class ChunkedWork:
+
+def check_output(path, inputs, flag="--out"):
+    """Before any work: refuse an output that is, lies inside or contains one of the inputs, or whose
+    location cannot be written (missing directories are created later, as mkdir -p would)."""
+    out = os.path.realpath(path)
+    for p in inputs:
+        p = os.path.realpath(p)
+        if out == p or out.startswith(p + os.sep) or p.startswith(out + os.sep):
+            die(f"{flag} {path} would {'overwrite' if out == p else 'mix with'} the input {p}: choose an output "
+                "outside the inputs")
+    d = os.path.dirname(out)
+    while not os.path.exists(d):
+        d = os.path.dirname(d)
+    if not os.path.isdir(d):
+        die(f"{flag} {path}: {d} is a file, not a directory; choose another {flag}")
+    try:
+        with open(os.path.join(d, f".d2c_write_test.{os.getpid()}"), "w"):
+            pass
+        os.remove(os.path.join(d, f".d2c_write_test.{os.getpid()}"))
+    except OSError as e:
+        die(f"{flag} {path}: cannot write in {d} ({e.strerror}); choose a writable location")
+
+
+# ----------------------------------------------------------------------------- resumable stage output
+
+class Output:
     """
-    Rows 0..n-1 of one or more preallocated .npy memmaps are filled in chunks of `chunk` rows.
-    Chunk i belongs to rank i % world_size; a finished chunk leaves a marker file, so a killed
-    job restarted with any number of ranks only does what is missing. Everything lives in
-    `work_dir` until `finish()` moves the arrays to their final names.
+    The output of a stage: appears complete or not at all, resumes after a kill, and is never
+    silently replaced. Row work is split into chunks; chunk i belongs to rank i % world, and a
+    finished chunk leaves a marker, so a rerun with any number of ranks does only what is missing.
 
-        work = ChunkedWork(out + ".partial", n, chunk, rank, world)
-        feats = work.array("feats.npy", (n, 768), np.float16)
-        for lo, hi in work.todo():
-            feats[lo:hi] = compute(lo, hi)
-            work.done(lo)
-        work.finish({"feats.npy": out_path})
+        out = Output(args.out, request, rank, world, args.overwrite, args.stop_after_chunks)
+        if out.complete:                   # OUT already holds this request: nothing to do
+            return
+        out.start(n, chunk)                # OUT.partial/ (another request's is started over)
+        feats = out.array("feats.npy", (n, 768), np.float16)
+        for rows in out.batches(batch_size):
+            feats[rows] = compute(rows)
+            out.written(rows)
+        out.end_chunks()                   # every rank; stops here under --stop-after-chunks
+        ... rank 0 writes the last files into out.partial ...
+        out.commit()                       # rank 0: OUT.partial -> OUT, atomically
+
+    A directory output keeps its request in OUT/request.json. A file output (score.py's
+    DATA/scores.npy) keeps it in the JSON `record`, and commit moves the file out of the partial
+    directory. Rows are only valid for the same request: that is what a partial directory holds.
     """
 
-    def __init__(self, work_dir, n, chunk, rank, world_size):
-        self.dir, self.n, self.chunk, self.rank, self.world = work_dir, n, chunk, rank, world_size
-        self.marks = os.path.join(work_dir, "done")
+    def __init__(self, out, request, rank, world, overwrite=False, stop_after=None, record=None, flag="--out"):
+        self.out, self.request, self.rank, self.world = os.path.normpath(out), request, rank, world
+        self.stop_after, self.flag = stop_after, flag
+        self.is_dir = record is None
+        self.partial = (self.out if self.is_dir else os.path.splitext(self.out)[0]) + ".partial"
+        self.record = os.path.join(self.out, "request.json") if self.is_dir else record
         self.arrays = {}
-        if rank == 0:
+        self.complete = False
+        if stop_after is not None and stop_after < 1:
+            die(f"--stop-after-chunks {stop_after} must be at least 1")
+        if os.path.exists(self.out):
+            old = (read_json(self.record) or {}).get("request")
+            if old == request and not overwrite:
+                self.complete = True
+            elif old is None and (self.is_dir or not overwrite):
+                die(f"{flag} {self.out} exists but was not made by this stage (no {self.record}); choose another "
+                    f"{flag}{'' if self.is_dir else ' or pass --overwrite'} (it will not be deleted)")
+            elif not overwrite:
+                differ = ", ".join(f"{k}: {old.get(k)!r} != {v!r}" for k, v in request.items() if old.get(k) != v)
+                die(f"{flag} {self.out} already holds output made with other settings ({differ[:300]}); pass "
+                    f"--overwrite to replace it, or choose another {flag}")
+        if os.path.exists(self.partial) and not os.path.exists(os.path.join(self.partial, "request.json")):
+            die(f"{self.partial} exists but was not made by this stage; move it away (it will not be deleted)")
+
+    def start(self, n=0, chunk=1):
+        """Rank 0 makes OUT.partial for this request (a partial made for another one is started over)."""
+        self.n, self.chunk = n, max(1, chunk)
+        self.marks = os.path.join(self.partial, "done")
+        if self.rank == 0:
+            if (read_json(os.path.join(self.partial, "request.json")) or {}).get("request") not in (None, self.request):
+                print(f"{self.partial} was made with other settings: starting over", flush=True)
+                shutil.rmtree(self.partial)
             os.makedirs(self.marks, exist_ok=True)
+            if not os.path.exists(os.path.join(self.partial, "request.json")):
+                atomic_save({"request": self.request}, os.path.join(self.partial, "request.json"))
         barrier()
+        return self.partial
+
+    def path(self, name):
+        return os.path.join(self.partial, name)
 
     def array(self, name, shape, dtype):
-        path = os.path.join(self.dir, name)
+        """An .npy memmap in OUT.partial; one of another shape or dtype restarts the chunk markers."""
+        path = self.path(name)
         if self.rank == 0:
-            ok = False
-            if os.path.exists(path):
-                try:
-                    a = np.load(path, mmap_mode="r")
-                    ok = a.shape == tuple(shape) and a.dtype == np.dtype(dtype)
-                except ValueError:
-                    ok = False
-            if not ok:  # a different job left this directory: start over
+            try:
+                a = np.load(path, mmap_mode="r")
+                ok = a.shape == tuple(shape) and a.dtype == np.dtype(dtype)
+            except (OSError, ValueError):
+                ok = False
+            if not ok:
                 shutil.rmtree(self.marks, ignore_errors=True)
                 os.makedirs(self.marks, exist_ok=True)
                 np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=tuple(shape)).flush()
@@ -176,80 +319,126 @@ class ChunkedWork:
     def chunks(self):
         return [(lo, min(lo + self.chunk, self.n)) for lo in range(0, self.n, self.chunk)]
 
+    def is_done(self, lo):
+        return os.path.exists(os.path.join(self.marks, str(lo)))
+
     def todo(self):
-        """This rank's unfinished chunks, as (lo, hi) row ranges."""
-        return [(lo, hi) for i, (lo, hi) in enumerate(self.chunks())
-                if i % self.world == self.rank and not os.path.exists(os.path.join(self.marks, str(lo)))]
+        """This rank's unfinished chunks, as (lo, hi) row ranges (at most --stop-after-chunks of them)."""
+        mine = [(lo, hi) for i, (lo, hi) in enumerate(self.chunks()) if i % self.world == self.rank and not self.is_done(lo)]
+        return mine[:self.stop_after]
 
-    def batches(self, batch_size, max_chunks=None):
-        """Row-index batches of this rank's unfinished chunks (at most max_chunks of them). A batch
-        never crosses a chunk boundary, so a chunk is complete when its last batch is written and
-        the batches are the same whatever the number of ranks."""
-        todo = self.todo()[:max_chunks]
-        return [list(range(b, min(b + batch_size, hi))) for lo, hi in todo for b in range(lo, hi, batch_size)]
+    def remaining(self):
+        """Rows of all ranks still to do."""
+        return sum(hi - lo for lo, hi in self.chunks() if not self.is_done(lo))
 
-    def written(self, lo, hi):
-        """Call after the batch of rows lo..hi-1 is written: marks its chunk done when the batch
-        ends the chunk, and then returns True."""
+    def summary(self, unit):
+        done = sum(self.is_done(lo) for lo, _ in self.chunks())
+        return f"{done} of {len(self.chunks())} chunks already done; {self.remaining()} {unit} to do"
+
+    def batches(self, batch_size):
+        """Row-index batches of this rank's unfinished chunks. A batch never crosses a chunk boundary,
+        so the batches are the same whatever the number of ranks."""
+        return [list(range(b, min(b + batch_size, hi))) for lo, hi in self.todo() for b in range(lo, hi, batch_size)]
+
+    def written(self, rows):
+        """Call when the rows of a batch are written: marks their chunk done if the batch ends it."""
+        lo, hi = rows[0], rows[-1] + 1
         c = lo // self.chunk * self.chunk
         if hi == min(c + self.chunk, self.n):
-            self.done(c)
+            for a in self.arrays.values():
+                a.flush()
+            open(os.path.join(self.marks, str(c)), "w").close()
             return True
         return False
 
-    def num_done(self):
-        return sum(os.path.exists(os.path.join(self.marks, str(lo))) for lo, _ in self.chunks())
-
-    def done(self, lo):
-        """Mark the chunk starting at row lo finished (after its rows are written and flushed)."""
-        for a in self.arrays.values():
-            a.flush()
-        open(os.path.join(self.marks, str(lo)), "w").close()
-
-    def finish(self, moves):
-        """After every rank is done: rank 0 renames {name in work_dir: final path}."""
+    def end_chunks(self):
+        """Every rank: wait for the others; stop here under --stop-after-chunks; check every chunk is done."""
         for a in self.arrays.values():
             a.flush()
         barrier()
-        if self.rank == 0:
-            missing = self.n and len(self.chunks()) - self.num_done()
-            if missing:
-                die(f"{missing} chunks of {self.dir} are unfinished; run the same command again to complete them")
-            for name, dst in moves.items():
-                os.replace(os.path.join(self.dir, name), dst)
-        barrier()
+        if self.stop_after is not None:
+            die(f"stopped after {self.stop_after} chunk(s) per rank as --stop-after-chunks asked; run the same "
+                f"command without it to resume ({self.partial} keeps the finished chunks)")
+        missing = sum(not self.is_done(lo) for lo, _ in self.chunks())
+        if missing:
+            die(f"{missing} chunks of {self.partial} are unfinished; run the same command again to complete them")
+
+    def commit(self, logger=None, record=None):
+        """Rank 0: put the finished output in place atomically; an existing OUT (--overwrite) stays until
+        then. `record` adds information to the stored request. The logger's files are closed first."""
+        if self.rank != 0:
+            return
+        self.arrays.clear()
+        for h in list(logger.handlers if logger else []):
+            h.close()
+            logger.removeHandler(h)
+        entry = {**(record or {}), "request": self.request}
+        if not self.is_dir:
+            if os.path.exists(self.record):  # never leave old settings beside new rows
+                os.remove(self.record)
+            os.replace(self.path(os.path.basename(self.out)), self.out)
+            atomic_save(entry, self.record)
+            shutil.rmtree(self.partial)
+            return
+        atomic_save(entry, self.path("request.json"))
+        if os.path.exists(self.out):
+            old = self.out + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(self.out, old)
+            os.rename(self.partial, self.out)
+            shutil.rmtree(old)
+        else:
+            os.rename(self.partial, self.out)
+        shutil.rmtree(os.path.join(self.out, "done"), ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- dataset directory
 
+def load_array(path, fix, mmap=True):
+    """An .npy array (memory-mapped by default), or one clear error naming the file and `fix`."""
+    if not os.path.isfile(path):
+        die(f"{path} does not exist: {fix}")
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except Exception as e:  # noqa: BLE001 (truncated, pickled or not .npy: numpy raises several types)
+        die(f"{path} is damaged or not a plain .npy array ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): {fix}")
+
+
 def load_meta(data_path):
-    path = os.path.join(data_path, "meta.json")
     if not os.path.isdir(data_path):
         die(f"--data-path {data_path} is not a directory: create it with encode.py")
     if not os.path.exists(os.path.join(data_path, "latents.npy")):
         die(f"{data_path} has no latents.npy: run encode.py --data-path IMAGE_FOLDER --out {data_path} first")
-    if not os.path.exists(path):
-        die(f"{data_path} has no meta.json: run encode.py again to rebuild the dataset directory")
-    with open(path) as f:
-        return json.load(f)
+    meta = read_json(os.path.join(data_path, "meta.json"))
+    if not isinstance(meta, dict) or not isinstance(meta.get("num_classes"), int) or meta["num_classes"] < 1:
+        die(f"{data_path}/meta.json is missing, damaged or has no num_classes: run encode.py again to rebuild "
+            "the dataset directory")
+    return meta
 
 
 def load_dataset(data_path):
     """
     Open a dataset directory (see README): returns (latents memmap, labels int64 array, meta).
-    latents is (N, C, H, W) or (N, 2, C, H, W) with flips (index 1 = flipped).
+    latents is (N, C, H, W) or (N, 2, C, H, W) with flips (index 1 = flipped). Labels must lie in
+    0..num_classes-1 (num_classes itself would be the null class of classifier-free guidance).
     """
     meta = load_meta(data_path)
-    latents = np.load(os.path.join(data_path, "latents.npy"), mmap_mode="r")
-    lp = os.path.join(data_path, "labels.npy")
-    if not os.path.exists(lp):
-        die(f"{data_path} has no labels.npy: run encode.py again to rebuild the dataset directory")
-    labels = np.load(lp).astype(np.int64)
-    if latents.ndim not in (4, 5) or (latents.ndim == 5 and latents.shape[1] != 2):
-        die(f"{data_path}/latents.npy has shape {latents.shape}; expected (N, C, H, W) or (N, 2, C, H, W)")
+    rebuild = "run encode.py again to rebuild the dataset directory"
+    latents = load_array(os.path.join(data_path, "latents.npy"), rebuild)
+    labels = load_array(os.path.join(data_path, "labels.npy"), rebuild, mmap=False)
+    if latents.ndim not in (4, 5) or (latents.ndim == 5 and latents.shape[1] != 2) or latents.dtype.kind != "f":
+        die(f"{data_path}/latents.npy is {latents.dtype} of shape {latents.shape}; expected float (N, C, H, W) or "
+            f"(N, 2, C, H, W): {rebuild}")
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        die(f"{data_path}/labels.npy is {labels.dtype} of shape {labels.shape}; expected (N,) integers: {rebuild}")
     if len(labels) != len(latents):
-        die(f"{data_path}: labels.npy has {len(labels)} rows but latents.npy has {len(latents)}; re-run encode.py")
-    return latents, labels, meta
+        die(f"{data_path}: labels.npy has {len(labels)} rows but latents.npy has {len(latents)}: {rebuild}")
+    nc = meta["num_classes"]
+    bad = np.flatnonzero((labels < 0) | (labels >= nc))
+    if len(bad):
+        die(f"{data_path}/labels.npy holds label {labels[bad[0]]} at row {bad[0]} ({len(bad)} rows outside "
+            f"0..{nc - 1}, the num_classes of meta.json): fix the labels or num_classes, or {rebuild}")
+    return latents, labels.astype(np.int64), meta
 
 
 def unflipped(latents):
@@ -271,6 +460,65 @@ def center_crop_arr(pil_image, image_size):
     return arr[y:y + image_size, x:x + image_size]
 
 
+class ImageCrops(torch.utils.data.Dataset):
+    """Row i -> (i, uint8 (3, S, S) ADM crop of paths[i], error message or ''); an unreadable image
+    gives zeros and its error, for the stage to stop on or skip."""
+
+    def __init__(self, paths, size):
+        self.paths, self.size = paths, size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        try:
+            with Image.open(self.paths[i]) as img:
+                arr = center_crop_arr(img.convert("RGB"), self.size)
+            return i, torch.from_numpy(arr).permute(2, 0, 1), ""
+        except Exception as e:  # noqa: BLE001 (PIL raises many types for a broken file)
+            return i, torch.zeros(3, self.size, self.size, dtype=torch.uint8), f"{type(e).__name__}: {e}"
+
+
+def crop_loader(paths, size, batches, num_workers, device):
+    """A DataLoader of ImageCrops over the given row batches."""
+    return torch.utils.data.DataLoader(ImageCrops(paths, size), batch_sampler=batches, num_workers=num_workers,
+                                       pin_memory=device.type == "cuda", worker_init_fn=quiet_worker)
+
+
+# ----------------------------------------------------------------------------- pretrained parts
+
+def reachable(url, timeout=3.0):
+    """Whether the host of `url` answers on its port within `timeout` seconds."""
+    u = urlparse(url if "://" in url else f"https://{url}")
+    try:
+        socket.create_connection((u.hostname, u.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def need_download(name, url, flag):
+    """Fail at once, with the fix, when `name` must come from `url` and there is no network (the
+    hub clients would otherwise retry for half a minute, then blame the name)."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") and "huggingface.co" in url
+    if offline or not reachable(url):
+        die(f"{flag} {name}: cannot download it (no network{', HF_HUB_OFFLINE is set' if offline else ''}?): "
+            "download it where there is one and pass the local path")
+
+
+def from_hub(load, name, flag):
+    """load(local_files_only) of a Hugging Face hub id or local directory: a cached or local copy
+    first, the network only when it answers."""
+    if os.path.exists(name):
+        return load(False)
+    try:
+        return load(True)
+    except Exception:  # noqa: BLE001 (not in the cache)
+        need_download(name, "https://huggingface.co", flag)
+        return load(False)
+
+
 VAE_IDS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 
 
@@ -279,14 +527,46 @@ def load_vae(name, device):
     if name == "none":
         return None
     from diffusers.models import AutoencoderKL
+    repo = VAE_IDS.get(name, name)
     try:
-        return AutoencoderKL.from_pretrained(VAE_IDS.get(name, name)).to(device).eval().requires_grad_(False)
+        vae = from_hub(lambda local: AutoencoderKL.from_pretrained(repo, local_files_only=local), repo, "--vae")
+    except SystemExit:
+        raise
     except Exception as e:  # noqa: BLE001 (hub, path and format errors all mean the same to a user)
         die(f"--vae {name}: cannot load an AutoencoderKL ({type(e).__name__}: {str(e).splitlines()[0]}); "
             "give ema, mse, a diffusers hub id, a local directory, or none")
+    return vae.to(device).eval().requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------- checkpoints
+
+def read_checkpoint(path, flag="--ckpt"):
+    if not os.path.isfile(path):
+        die(f"{flag} {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 (truncated zip, pickle errors, not a checkpoint at all)
+        die(f"{flag} {path} is damaged or not a PyTorch checkpoint ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}): copy it again, or pass another checkpoint")
+
+
+def checkpoints(results_dir):
+    """The checkpoints of a train.py run, oldest first (names are zero-padded step numbers)."""
+    d = os.path.join(results_dir, "checkpoints")
+    return sorted(os.path.join(d, f) for f in os.listdir(d) if f.endswith(".pt")) if os.path.isdir(d) else []
+
+
+def newest_checkpoint(results_dir, warn=print):
+    """(path, checkpoint) of the newest readable checkpoint of a run, or (None, None). A damaged newer
+    file (a disk filled while copying, a partial rsync) is named in a warning and left in place."""
+    for path in reversed(checkpoints(results_dir)):
+        try:
+            return path, torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001
+            warn(f"warning: {path} is damaged ({type(e).__name__}); using the newest readable checkpoint "
+                 "before it (the damaged file is kept)")
+    return None, None
+
 
 def model_config(state_dict, encoder_depth=8):
     """Constructor kwargs of a registry model, read off the shapes of a state dict."""
@@ -308,21 +588,50 @@ def model_config(state_dict, encoder_depth=8):
     return cfg
 
 
-def load_model(ckpt_path, model_name=None, use_ema=True, device="cpu"):
+def time_convention(path, args, cfg, override):
+    """
+    Where an SiT checkpoint puts the data: 'sit' (willisma/SiT: t = 1 is data) or 'repa' (REPA and
+    ours: t = 1 is noise), from what the file says: the training arguments stored with it (SiT's
+    train.py stores path_type Linear/GVP/VP, REPA's linear/cosine and its encoder settings), else
+    the network (projectors are REPA's; a bare state dict with learned sigma is the public SiT
+    release). `override` ('sit' or 'repa') decides where the file says nothing.
+    """
+    path_type = args.get("path_type")
+    if path_type in ("Linear", "GVP", "VP") or (path_type is None and "prediction" in args):
+        if path_type not in ("Linear", None) or args.get("prediction", "velocity") != "velocity":
+            die(f"--ckpt {path} was trained by SiT with --path-type {path_type} --prediction {args.get('prediction')}; "
+                "only the Linear path with velocity prediction is supported")
+        found = "sit"
+    elif path_type in ("linear", "cosine") or {"enc_type", "proj_coeff", "encoder_depth"} & set(args):
+        if path_type == "cosine":
+            die(f"--ckpt {path} was trained by REPA with --path-type cosine; only the linear path is supported")
+        found = "repa"
+    elif not args and cfg.get("z_dims"):
+        found = "repa"
+    elif not args and cfg["learn_sigma"]:
+        found = "sit"
+    else:
+        found = None
+    if override not in (None, "auto"):
+        return override
+    if found is None:
+        die(f"--ckpt {path} does not say in which direction its time runs: pass --time-convention sit (t = 1 is "
+            "data, willisma/SiT) or --time-convention repa (t = 1 is noise, REPA)")
+    return found
+
+
+def load_model(ckpt_path, model_name=None, use_ema=True, device="cpu", time_conv="auto"):
     """
     Load our train.py checkpoints (config stored inside) or the public ones: DiT-XL-2-256/512
-    (a bare state dict), SiT-XL-2-256 (bare; reverse time), REPA's last.pt ({"ema", "args"}).
-    model_name is needed only for bare public files. Returns (model in eval mode, info) with
-    info = {"model": name, "objective": "ddpm"|"sit", "reverse_time": bool, "meta": dict|None,
-    "config": kwargs}. The network is not wrapped: diffusion.ReverseTime adapts reverse time.
+    (a bare state dict), SiT-XL-2-256 (bare; reverse time), SiT's and REPA's training checkpoints
+    ({"model", "ema", "opt", "args", ...}). model_name is needed only for files that do not name
+    their network. Returns (model in eval mode, info) with info = {"model": name, "objective":
+    "ddpm"|"sit", "reverse_time": bool, "meta": dict|None, "config": kwargs}. The network is not
+    wrapped: diffusion.ReverseTime adapts reverse time.
     """
     import models
-    if not os.path.exists(ckpt_path):
-        die(f"--ckpt {ckpt_path} does not exist")
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001
-        die(f"--ckpt {ckpt_path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})")
+    from diffusion import objective_of
+    ckpt = read_checkpoint(ckpt_path)
     if isinstance(ckpt, dict) and "config" in ckpt:             # ours
         name, cfg, meta, reverse = ckpt["config"]["model"], dict(ckpt["config"]["kwargs"]), ckpt.get("meta"), False
         sd = ckpt["ema" if use_ema else "model"]
@@ -330,15 +639,14 @@ def load_model(ckpt_path, model_name=None, use_ema=True, device="cpu"):
         args = ckpt.get("args") if isinstance(ckpt, dict) else None
         sd = ckpt.get("ema", ckpt) if isinstance(ckpt, dict) else ckpt
         if not isinstance(sd, dict) or "x_embedder.proj.weight" not in sd:
-            die(f"--ckpt {ckpt_path} holds no DiT/SiT state dict (no x_embedder.proj.weight)")
+            die(f"--ckpt {ckpt_path} holds no DiT/SiT state dict (no x_embedder.proj.weight): pass a DiT, SiT, REPA "
+                "or train.py checkpoint")
         args = vars(args) if args is not None and not isinstance(args, dict) else (args or {})
         name = model_name or args.get("model")
         if name is None:
             die(f"--ckpt {ckpt_path} does not say which network it holds: pass --model (e.g. DiT-XL/2)")
-        depth = args.get("encoder_depth", 8)
-        cfg, meta = model_config(sd, depth), None
-        # official SiT checkpoints (willisma/SiT) keep learned sigma and run time backwards
-        reverse = name.startswith("SiT") and cfg["learn_sigma"] and not args
+        cfg, meta = model_config(sd, args.get("encoder_depth", 8)), None
+        reverse = objective_of(name) == "sit" and time_convention(ckpt_path, args, cfg, time_conv) == "sit"
     if name not in models.DiT_models:
         die(f"unknown model {name!r}: choose one of {', '.join(models.DiT_models)}")
     model = models.DiT_models[name](**cfg)
@@ -347,6 +655,11 @@ def load_model(ckpt_path, model_name=None, use_ema=True, device="cpu"):
     except RuntimeError as e:
         first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
         die(f"--ckpt {ckpt_path} does not fit {name} ({first}); pass the --model it was trained as")
-    objective = "ddpm" if name.startswith("DiT") else "sit"
-    info = dict(model=name, objective=objective, reverse_time=reverse, meta=meta, config=cfg)
+    info = dict(model=name, objective=objective_of(name), reverse_time=reverse, meta=meta, config=cfg)
     return model.to(device).eval().requires_grad_(False), info
+
+
+def add_time_convention_flag(p):
+    p.add_argument("--time-convention", choices=["auto", "sit", "repa"], default="auto",
+                   help="SiT checkpoints only: auto reads it off the file; sit = t 1 is data (willisma/SiT), "
+                        "repa = t 1 is noise (REPA, ours)")

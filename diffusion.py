@@ -11,12 +11,15 @@ use the reverse time (t = 1 is data); `ReverseTime` adapts them.
 
 Every loss is returned per sample (N,), so score.py uses the same functions as train.py.
 """
+import functools
 import math
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+NUM_TIMESTEPS = 1000  # DiT's DDPM: integer training timesteps 0..999
 
 
 def objective_of(model_name):
@@ -68,7 +71,7 @@ class DDPMSchedule:
         self.posterior_mean_coef2 = (1.0 - acp) * np.sqrt(1.0 - b) / (1.0 - ac)
 
 
-def linear_betas(num_timesteps=1000):
+def linear_betas(num_timesteps=NUM_TIMESTEPS):
     scale = 1000 / num_timesteps
     return np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64)
 
@@ -157,7 +160,7 @@ def sit_loss(model, x, y, t, noise):
     return mean_flat((noise - x - out[:, :x.shape[1]].float()) ** 2), zs
 
 
-def sample_time(objective, n, device, generator=None, weighting="uniform", num_timesteps=1000):
+def sample_time(objective, n, device, generator=None, weighting="uniform", num_timesteps=NUM_TIMESTEPS):
     """Training times: integer steps for DDPM; uniform or logit-normal(0, 1) in [0, 1] for SiT."""
     if objective == "ddpm":
         return torch.randint(0, num_timesteps, (n,), device=device, generator=generator)
@@ -278,7 +281,8 @@ def _respaced(num_steps, spacing, schedule):
 def ddpm_sample(f, z, num_steps=250, noise=None, spacing=None, schedule=None):
     """
     DiT's sampler: ancestral DDPM steps over the schedule respaced to `spacing` (default
-    str(num_steps)), learned variance range (or fixed small without it), no clipping, no noise
+    str(num_steps)), learned variance range (or fixed large without it, as DiT's
+    create_diffusion(learn_sigma=False)), no clipping, no noise
     at the last step. One model evaluation per step. Returns x_0.
     """
     s, steps, T = _respaced(num_steps, spacing, schedule)
@@ -328,17 +332,21 @@ def euler_sample(f, z, num_steps=50):
     return x.float()
 
 
-def heun_sample(f, z, num_steps=50):
+def heun_sample(f, z, num_steps=50, last_correction=True):
     """
-    Heun (explicit trapezoid, SiT's ODE solver with a fixed grid) on t = linspace(1, 0,
-    num_steps + 1), the correction on every step: 2 num_steps evaluations. A step is guided
-    when its start time is in the guidance interval (both evaluations), as REPA decides.
+    Heun (explicit trapezoid) on t = linspace(1, 0, num_steps + 1). `heun-sit` corrects every step,
+    as SiT's fixed-grid ODE solver (torchdiffeq heun2): 2 num_steps evaluations; `heun-repa` skips
+    the correction on the last step, as REPA's `--mode ode --heun`: 2 num_steps - 1 evaluations.
+    A step is guided when its start time is in the guidance interval (both evaluations), as REPA.
     """
     t = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64)
     x = z.double()
-    for t_cur, t_next in zip(t[:-1], t[1:]):
+    for i, (t_cur, t_next) in enumerate(zip(t[:-1], t[1:])):
         d = _velocity(f, x, t_cur)
         x_pred = x + (t_next - t_cur) * d
+        if not last_correction and i == num_steps - 1:
+            x = x_pred
+            break
         tt = torch.full((x.shape[0],), float(t_next), device=x.device)
         d_next = f(x_pred.float(), tt, float(t_cur))[:, :x.shape[1]].double()
         x = x + (t_next - t_cur) * 0.5 * (d + d_next)
@@ -364,5 +372,6 @@ def sde_sample(f, z, num_steps=250, noise=None, t_last=0.04):
     return x.float()
 
 
-SAMPLERS = {"ddpm": ddpm_sample, "ddim": ddim_sample, "euler": euler_sample, "heun": heun_sample, "sde": sde_sample}
-SAMPLER_OBJECTIVE = {"ddpm": "ddpm", "ddim": "ddpm", "euler": "sit", "heun": "sit", "sde": "sit"}
+SAMPLERS = {"ddpm": ddpm_sample, "ddim": ddim_sample, "euler": euler_sample, "sde": sde_sample,
+            "heun-sit": heun_sample, "heun-repa": functools.partial(heun_sample, last_correction=False)}
+SAMPLER_OBJECTIVE = {"ddpm": "ddpm", "ddim": "ddpm", "euler": "sit", "heun-sit": "sit", "heun-repa": "sit", "sde": "sit"}

@@ -103,7 +103,7 @@ def test_pixel_dataset_holds_the_adm_crops_and_their_flips_in_imagefolder_order(
     assert meta == {"image_size": 16, "vae": "none", "vae_id": None, "latent_scale": 1.0, "latent_shape": [3, 16, 16],
                     "flip": True, "count": 7, "num_classes": 3, "class_names": CLASSES, "source": folder,
                     "files_relative_to": "source", "skipped": []}
-    assert sorted(os.listdir(pixel_out)) == ["files.txt", "labels.npy", "latents.npy", "log.txt", "meta.json"]
+    assert sorted(os.listdir(pixel_out)) == ["files.txt", "labels.npy", "latents.npy", "log.txt", "meta.json", "request.json"]
     assert "images/s" in open(os.path.join(pixel_out, "log.txt")).read()
     assert not os.path.exists(pixel_out + ".partial")
 
@@ -152,8 +152,8 @@ def test_killed_run_resumes_and_keeps_the_finished_chunks(folder, pixel_out):
     np.testing.assert_array_equal(latents[2:], full[2:])
     assert labels.tolist() == [c for _, c in FILES] and files == [f for f, _ in FILES]
     log = open(os.path.join(out, "log.txt")).read()
-    assert "0 of 4 chunks already done; encoding 7 images" in log
-    assert "1 of 4 chunks already done; encoding 5 images" in log
+    assert "0 of 4 chunks already done; 7 images to do" in log
+    assert "1 of 4 chunks already done; 5 images to do" in log
     assert not os.path.exists(out + ".partial")
 
 

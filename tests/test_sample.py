@@ -101,7 +101,7 @@ def test_deterministic_samplers_carry_noise_to_the_exact_transport_map():
     # For isotropic Gaussian data the probability-flow ODE is affine: z -> mu + S z.
     z, y = data(2000)
     target = MU[1] + S * z
-    heun = run("heun", ClosedForm("sit"), z, y, 50)
+    heun = run("heun-sit", ClosedForm("sit"), z, y, 50)
     assert (heun - target).abs().max() < 2e-3                                   # second order
     for sampler, kind in (("euler", "sit"), ("ddim", "ddpm")):
         err50 = (run(sampler, ClosedForm(kind), z, y, 50) - target).abs().mean()
@@ -133,7 +133,7 @@ def test_ddpm_feeds_the_network_the_original_timesteps_of_the_respacing():
 # ----------------------------------------------------------------------------- guidance
 
 @pytest.mark.parametrize("sampler,kind", [("ddpm", "ddpm"), ("ddim", "ddpm"), ("euler", "sit"),
-                                          ("heun", "sit"), ("sde", "sit")])
+                                          ("heun-sit", "sit"), ("heun-repa", "sit"), ("sde", "sit")])
 def test_guidance_scale_one_is_no_guidance_and_larger_scales_push_past_the_class_mean(sampler, kind):
     z, y = data(1000)
     var = 1.0 if kind == "ddpm" else None
@@ -150,6 +150,42 @@ def test_guidance_scale_one_is_no_guidance_and_larger_scales_push_past_the_class
     # scale 3 moves the class away from the other one: mean beyond mu_1 = 1.5
     strong = run(sampler, ClosedForm(kind, var), z, y, 50, cfg=3.0)
     assert strong.mean() > one.mean() + 0.01 > uncond.mean() + 0.5
+
+
+def heun_by_hand(v, z, n, last_correction):
+    """Heun written out step by step from its definition, on t_i = 1 - i / n (float64)."""
+    x = z.double()
+    for i in range(n):
+        t0, t1 = 1 - i / n, 1 - (i + 1) / n
+        d0 = v(x, t0)
+        euler = x + (t1 - t0) * d0
+        x = euler if (i == n - 1 and not last_correction) else x + (t1 - t0) * (d0 + v(euler, t1)) / 2
+    return x.float()
+
+
+@pytest.mark.parametrize("name,last", [("heun-sit", True), ("heun-repa", False)])
+def test_heun_sit_corrects_every_step_and_heun_repa_all_but_the_last(name, last):
+    # SiT's fixed-grid solver (torchdiffeq heun2) corrects every step: 2N evaluations; REPA's
+    # `--mode ode --heun` skips the correction of the last step: 2N - 1.
+    z, y = data(5)
+    model = ClosedForm("sit")
+    got = run(name, model, z, y, 6)
+    assert model.calls == (12 if last else 11)
+
+    def v(x, t):
+        return ClosedForm("sit")(x.float(), torch.full((len(x),), float(t)), y).double()
+    torch.testing.assert_close(got, heun_by_hand(v, z, 6, last), rtol=0, atol=1e-6)
+    other = heun_by_hand(v, z, 6, not last)
+    assert (got - other).abs().max() > 1e-3                                   # the two variants differ
+
+
+def test_pixel_rounding_floor_is_repa_and_half_up_is_dit():
+    sys.path.insert(0, ROOT)
+    import sample
+    x = torch.tensor([-1.0, -0.9961, 0.0, 0.5, 0.999, 1.0, 1.2]).view(1, 1, 1, 7).expand(1, 3, 1, 7)
+    # by hand: 127.5 (x + 1) = 0, 0.4973, 127.5, 191.25, 254.87, 255, 280.5
+    assert sample.to_uint8(x, None, 1.0, "floor")[0, 0, :, 0].tolist() == [0, 0, 127, 191, 254, 255, 255]
+    assert sample.to_uint8(x, None, 1.0, "half-up")[0, 0, :, 0].tolist() == [0, 0, 128, 191, 255, 255, 255]
 
 
 def test_guidance_interval_evaluates_unconditional_rows_only_inside_it():
@@ -179,7 +215,7 @@ def test_cfg_channels_guides_only_the_first_channels_and_keeps_the_rest_conditio
 # ----------------------------------------------------------------------------- DDPM respacing
 
 @pytest.mark.parametrize("name,sampler", [("DiT-T/4", "ddpm"), ("DiT-T/4", "ddim"), ("SiT-T/4", "sde"),
-                                          ("SiT-T/4", "heun")])
+                                          ("SiT-T/4", "heun-sit")])
 def test_samplers_under_bf16_autocast_return_fp32_within_bf16_rounding_of_fp32(name, sampler):
     # sample.py's CUDA precision, run through CPU autocast: same ops, same dtype rules. bf16 keeps
     # 8 significant bits (0.4% per rounding), so 10 guided steps land within a few percent.
@@ -191,7 +227,7 @@ def test_samplers_under_bf16_autocast_return_fp32_within_bf16_rounding_of_fp32(n
     out = []
     for bf16 in (False, True):
         g = torch.Generator().manual_seed(1)
-        kw = {"noise": lambda: torch.randn(3, 4, 16, 16, generator=g)} if sampler != "heun" else {}
+        kw = {"noise": lambda: torch.randn(3, 4, 16, 16, generator=g)} if sampler != "heun-sit" else {}
         f = D.guided_model(net, y, 1.5, 0.0, 0.7, null_class=10)
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             out.append(D.SAMPLERS[sampler](f, z, 10, **kw))
@@ -281,22 +317,26 @@ def test_samples_do_not_depend_on_processes_or_batch_size_and_npz_matches_the_pn
     expected = [int(torch.randint(4, (), generator=torch.Generator().manual_seed(i))) for i in range(7)]
     assert np.load(tmp_path / "a.npz")["labels"].tolist() == expected
     grid = np.asarray(Image.open(tmp_path / "a_grid.png"))
-    assert grid.shape == (3 * 8, 3 * 8, 3)
-    np.testing.assert_array_equal(grid[8:16, 0:8], a[3])
+    assert grid.shape == (3 * 8 * 11, 3 * 8 * 11, 3)                   # 24 px upscaled 11x to >= 256 px
+    np.testing.assert_array_equal(grid[8 * 11:16 * 11:11, 0:8 * 11:11], a[3])
+    assert (grid[::11, ::11].repeat(11, 0).repeat(11, 1) == grid).all()  # nearest: 11x11 blocks
 
 
-def test_a_rerun_makes_only_the_missing_samples(ckpt, tmp_path):
+def test_a_stopped_run_makes_only_the_missing_chunks_and_a_finished_one_nothing(ckpt, tmp_path):
     d = tmp_path / "s"
-    cli("--ckpt", ckpt, "--sample-dir", d, "--per-proc-batch-size", 4, *SETTINGS)
-    first = pngs(d, 7)
-    for i in (1, 5):
-        os.remove(d / f"{i:06d}.png")
-    os.utime(d / "000000.png", (1, 1))                                  # an old file stays untouched
-    p = cli("--ckpt", ckpt, "--sample-dir", d, "--per-proc-batch-size", 4, *SETTINGS)
-    assert "5 of 7 samples exist, 2 to make" in p.stdout
-    assert os.stat(d / "000000.png").st_mtime == 1
-    np.testing.assert_array_equal(pngs(d, 7), first)
-    np.testing.assert_array_equal(np.load(f"{d}.npz")["arr_0"], first)
+    args = ("--ckpt", ckpt, "--sample-dir", d, "--per-proc-batch-size", 2, "--chunk-size", 3, *SETTINGS)
+    p = cli(*args, "--stop-after-chunks", 1, check=False)  # as if killed after the first chunk
+    assert p.returncode == 1 and "--stop-after-chunks" in p.stderr.splitlines()[-1]
+    assert not d.exists() and sorted(os.listdir(f"{d}.partial"))[:3] == ["000000.png", "000001.png", "000002.png"]
+    os.utime(f"{d}.partial/000000.png", (1, 1))                         # a finished chunk stays untouched
+    p = cli(*args)
+    assert "1 of 3 chunks already done; 4 samples to do" in p.stdout
+    assert os.stat(d / "000000.png").st_mtime == 1 and not os.path.exists(f"{d}.partial")
+    full = tmp_path / "full"
+    cli("--ckpt", ckpt, "--sample-dir", full, "--per-proc-batch-size", 4, *SETTINGS)
+    np.testing.assert_array_equal(pngs(d, 7), pngs(full, 7))
+    np.testing.assert_array_equal(np.load(f"{d}.npz")["arr_0"], pngs(full, 7))
+    assert "already complete" in cli(*args).stdout
 
 
 def test_class_balanced_labels_give_each_class_exactly_its_share():
@@ -319,5 +359,5 @@ def test_bad_input_stops_with_one_clear_line(ckpt, tmp_path):
     assert "divisible by the 4 classes" in fails("--ckpt", ckpt, "--class-balanced", "--num-fid-samples", 10)
     assert "--sampler ddpm does not fit" in fails("--ckpt", ckpt, "--sampler", "ddpm")
     os.makedirs(tmp_path / "x")
-    json.dump({"sampler": "euler"}, open(tmp_path / "x" / "settings.json", "w"))
+    json.dump({"request": {"sampler": "euler"}}, open(tmp_path / "x" / "request.json", "w"))
     assert "other settings" in fails("--ckpt", ckpt, "--num-fid-samples", 2)
