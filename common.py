@@ -31,7 +31,8 @@ def die(msg, code=1):
     first, so the message is the last line the user sees."""
     for bar in list(_BARS):
         bar.close()
-    sys.stderr.flush()
+    if code == 1:
+        raise SystemExit(f"error: {msg}")  # Python prints it and exits with status 1
     print(f"error: {msg}", file=sys.stderr, flush=True)
     raise SystemExit(code)
 
@@ -133,8 +134,8 @@ def fast_cuda_defaults():
     torch.backends.cudnn.allow_tf32 = True
 
 
-def create_logger(log_dir, rank, name="d2c"):
-    """Logger that writes to stdout and log_dir/log.txt on rank 0 and is silent elsewhere."""
+def create_logger(log_dir, rank, name="d2c", filename="log.txt"):
+    """Logger that writes to stdout and log_dir/filename on rank 0 and is silent elsewhere."""
     logger = logging.getLogger(name)
     logger.handlers.clear()
     logger.propagate = False
@@ -143,7 +144,7 @@ def create_logger(log_dir, rank, name="d2c"):
         handlers = [logging.StreamHandler(sys.stdout)]
         if log_dir is not None:
             os.makedirs(log_dir, exist_ok=True)
-            handlers.append(logging.FileHandler(os.path.join(log_dir, "log.txt")))
+            handlers.append(logging.FileHandler(os.path.join(log_dir, filename)))
         for h in handlers:
             h.setFormatter(fmt)
             logger.addHandler(h)
@@ -270,15 +271,19 @@ class Output:
             die(f"--stop-after-chunks {stop_after} must be at least 1")
         if os.path.exists(self.out):
             old = (read_json(self.record) or {}).get("request")
+            elsewhere = f", or choose another {flag}" if flag else ""
             if old == request and not overwrite:
                 self.complete = True
-            elif old is None and (self.is_dir or not overwrite):
-                die(f"{flag} {self.out} exists but was not made by this stage (no {self.record}); choose another "
-                    f"{flag}{'' if self.is_dir else ' or pass --overwrite'} (it will not be deleted)")
+            elif old is None and self.is_dir:
+                die(f"{flag} {self.out} exists but was not made by this stage (no {self.record}): choose another "
+                    f"{flag} (it will not be deleted)")
+            elif old is None and not overwrite:
+                die(f"{self.out} exists but {self.record} does not say how it was made: pass --overwrite to "
+                    f"replace it{elsewhere}")
             elif not overwrite:
                 differ = ", ".join(f"{k}: {old.get(k)!r} != {v!r}" for k, v in request.items() if old.get(k) != v)
-                die(f"{flag} {self.out} already holds output made with other settings ({differ[:300]}); pass "
-                    f"--overwrite to replace it, or choose another {flag}")
+                die(f"{self.out} already holds output made with other settings ({differ[:300]}); pass --overwrite "
+                    f"to replace it{elsewhere}")
         if os.path.exists(self.partial) and not os.path.exists(os.path.join(self.partial, "request.json")):
             die(f"{self.partial} exists but was not made by this stage; move it away (it will not be deleted)")
 

@@ -34,38 +34,31 @@ cost is linear in T. One forward evaluates the T timesteps of --batch-size image
 On CUDA: bf16 autocast (--precision fp32 to skip), TF32 and torch.compile (--no-compile to skip);
 fp32 eager on CPU.
 """
-import argparse
-import json
-import logging
 import os
-import shutil
 import time
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
-from common import (ChunkedWork, atomic_save, barrier, cleanup_distributed, create_logger, die,
-                    fast_cuda_defaults, load_dataset, load_model, setup_distributed, unflipped)
-from diffusion import DDPMSchedule, ReverseTime, diffusion_loss, linear_betas
-
-NUM_TRAIN_TIMESTEPS = 1000  # the DDPM schedule of DiT
+from common import (Output, add_compile_flag, add_output_flags, add_time_convention_flag, check_output,
+                    cleanup_distributed, compile_on, create_logger, die, fast_cuda_defaults, item_seed, load_dataset,
+                    load_model, parser, progress, quiet_worker, run, setup_distributed, unflipped)
+from diffusion import NUM_TIMESTEPS, DDPMSchedule, ReverseTime, diffusion_loss, linear_betas
 
 
-def draws(index, num_timesteps, shape, objective, global_seed=0, num_train_timesteps=NUM_TRAIN_TIMESTEPS):
+def draws(index, num_timesteps, shape, objective, global_seed=0):
     """
     The timesteps and noises of image `index`: (t (T,), noise (T, *shape) float32). A generator
-    seeded with global_seed * 1_000_003 + index draws u = rand(T) in float64, then the noise.
-    t_j = floor((j + u_j) * num_train_timesteps / T) (int64) for 'ddpm', (j + u_j) / T (float32)
-    for 'sit'.
+    seeded with item_seed(global_seed, index) draws u = rand(T) in float64, then the noise.
+    t_j = floor((j + u_j) * NUM_TIMESTEPS / T) (int64) for 'ddpm', (j + u_j) / T (float32) for 'sit'.
     """
-    g = torch.Generator().manual_seed(global_seed * 1_000_003 + index)
+    g = torch.Generator().manual_seed(item_seed(global_seed, index))
     u = torch.rand(num_timesteps, generator=g, dtype=torch.float64)
     noise = torch.randn(num_timesteps, *shape, generator=g)
     j = torch.arange(num_timesteps, dtype=torch.float64)
     if objective == "ddpm":
-        t = ((j + u) * num_train_timesteps / num_timesteps).floor().long().clamp(max=num_train_timesteps - 1)
+        t = ((j + u) * NUM_TIMESTEPS / num_timesteps).floor().long().clamp(max=NUM_TIMESTEPS - 1)
     else:
         t = ((j + u) / num_timesteps).float()
     return t, noise
@@ -101,10 +94,10 @@ def score_batch(model, objective, schedule, x, y, t, noise):
     return loss.view(B, T).mean(1)
 
 
-def load_scorer(ckpt, model_name, device):
+def load_scorer(ckpt, model_name, device, time_conv="auto"):
     """(network ready for the loss, info of common.load_model): EMA weights, eval mode (no label
     dropout), REPA projectors dropped, official SiT checkpoints wrapped in ReverseTime."""
-    model, info = load_model(ckpt, model_name, use_ema=True, device=device)
+    model, info = load_model(ckpt, model_name, use_ema=True, device=device, time_conv=time_conv)
     if model_name and model_name != info["model"]:
         die(f"--model {model_name} but --ckpt {ckpt} holds a {info['model']} (stored in the checkpoint): drop --model")
     model.projectors = torch.nn.ModuleList()  # forward then returns the prediction alone
@@ -120,14 +113,11 @@ def check_fit(args, info, latents, labels, meta):
         die(f"{args.data_path}/latents.npy holds latents of shape (C, H, W) = {shape} but --ckpt {args.ckpt} "
             f"({info['model']}) takes {want}: score with a checkpoint trained on latents of this shape, or encode "
             "the images again with encode.py at the --image-size and --vae that the checkpoint was trained on")
-    nc, data_nc = info["num_classes"], meta.get("num_classes", int(labels.max()) + 1)
+    nc, data_nc = info["num_classes"], meta["num_classes"]
     if nc != data_nc:
         die(f"--ckpt {args.ckpt} ({info['model']}) is conditioned on {nc} classes but {args.data_path}/meta.json "
             f"has num_classes {data_nc}: score with a checkpoint trained on this dataset's classes (the public "
             "DiT/SiT checkpoints take the 1000 ImageNet-1k classes in sorted-folder order)")
-    if labels.min() < 0 or labels.max() >= nc:
-        die(f"{args.data_path}/labels.npy holds labels in [{labels.min()}, {labels.max()}], outside the "
-            f"{nc} classes of --ckpt {args.ckpt}; re-run encode.py")
     ours, theirs = (info["meta"] or {}).get("class_names"), meta.get("class_names")
     if ours and theirs and list(ours) != list(theirs):
         k = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
@@ -136,162 +126,104 @@ def check_fit(args, info, latents, labels, meta):
             "score with a checkpoint trained on this dataset's classes")
 
 
-def settings_of(args, n):
-    """What a finished scores.npy (or a partial run) was made with; same settings = same scores."""
-    ckpt = os.path.abspath(args.ckpt)
-    if not os.path.exists(ckpt):
-        die(f"--ckpt {args.ckpt} does not exist")
-    return {"ckpt": ckpt, "ckpt_mtime": int(os.stat(ckpt).st_mtime), "model": args.model,
-            "num_timesteps": args.num_timesteps, "global_seed": args.global_seed, "count": n}
+def score_chunks(out, model, info, labels, args, device, logger):
+    """Score this rank's unfinished chunks into OUT.partial/scores.npy."""
+    cuda, compiled = device.type == "cuda", args.compiled
+    scores = out.array("scores.npy", (len(labels),), np.float32)
+    schedule = DDPMSchedule(linear_betas())
+    batches = out.batches(args.batch_size)
+    workers = args.num_workers if args.num_workers is not None else (4 if cuda else 0)
+    loader = DataLoader(ScoreRows(args.data_path, labels, args.num_timesteps, info["objective"], args.global_seed),
+                        batch_sampler=batches, num_workers=workers, pin_memory=cuda, worker_init_fn=quiet_worker)
+    chunk_start, chunk_images = time.time(), 0
+    with progress(total=sum(map(len, batches)), rank=out.rank, unit="img", desc="score") as bar:
+        for idx, x, y, t, noise in loader:
+            lo, hi = int(idx[0]), int(idx[-1]) + 1
+            x, y, t, noise = (v.to(device, non_blocking=True) for v in (x, y, t, noise))
+            B = len(x)
+            if compiled and B < args.batch_size:  # pad the short last batch of a chunk: no recompilation
+                pad = args.batch_size - B
+                x, y, t, noise = (torch.cat([v, v[:1].expand(pad, *v.shape[1:])]) for v in (x, y, t, noise))
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda and args.precision == "bf16"):
+                s = score_batch(model, info["objective"], schedule, x, y, t, noise)[:B].float().cpu()
+            if not torch.isfinite(s).all():
+                die(f"non-finite loss for images {lo}..{hi - 1} of {args.data_path} with --ckpt {args.ckpt}: the "
+                    f"checkpoint or the latents are broken (finished chunks are kept in {out.partial})")
+            scores[lo:hi] = s.numpy()
+            bar.update(B)
+            chunk_images += B
+            if out.written(idx.tolist()):
+                logger.info(f"chunk {lo // args.chunk_size + 1}/{len(out.chunks())} done: "
+                            f"{chunk_images / max(time.time() - chunk_start, 1e-9):.1f} images/s on rank {out.rank}")
+                chunk_start, chunk_images = time.time(), 0
 
 
 def main(args):
-    rank, world, device = setup_distributed()
     if min(args.num_timesteps, args.batch_size, args.chunk_size) < 1:
         die("--num-timesteps, --batch-size and --chunk-size must be positive")
+    rank, world, device = setup_distributed()
     latents, labels, meta = load_dataset(args.data_path)
-    n = len(labels)
-    if n == 0:
+    if len(labels) == 0:
         die(f"{args.data_path} holds no images: nothing to score")
-    out = os.path.join(args.data_path, "scores.npy")
-    out_json = os.path.join(args.data_path, "scores.json")
-    partial = os.path.join(args.data_path, "scores.partial")
-    settings = settings_of(args, n)
-
-    # A finished scores.npy is never recomputed silently.
-    if os.path.exists(out) and not args.overwrite:
-        try:
-            with open(out_json) as f:
-                old = json.load(f)["settings"]
-        except (OSError, ValueError, KeyError, TypeError):
-            die(f"{out} exists but {out_json} does not say how it was made: pass --overwrite to recompute it")
-        if old != settings:
-            differ = ", ".join(f"{k}: {old.get(k)} != {v}" for k, v in settings.items() if old.get(k) != v)
-            die(f"{out} already holds scores made with other settings ({differ}); pass --overwrite to replace them")
-        if rank == 0:
-            print(f"{out} is already complete for these settings; nothing to do (--overwrite recomputes it)")
-        cleanup_distributed()
-        return
-
-    model, info = load_scorer(args.ckpt, args.model, device)
+    scores_path = os.path.join(args.data_path, "scores.npy")
+    check_output(scores_path, [args.ckpt] + [os.path.join(args.data_path, f) for f in ("latents.npy", "labels.npy")])
+    model, info = load_scorer(args.ckpt, args.model, device, args.time_convention)
     check_fit(args, info, latents, labels, meta)
-    objective = info["objective"]
-    schedule = DDPMSchedule(linear_betas(NUM_TRAIN_TIMESTEPS))
+    ckpt = os.path.abspath(args.ckpt)
+    request = {"ckpt": ckpt, "ckpt_mtime": int(os.stat(ckpt).st_mtime), "model": args.model,
+               "num_timesteps": args.num_timesteps, "global_seed": args.global_seed, "count": len(labels),
+               "reverse_time": info["reverse_time"]}
+    out = Output(scores_path, request, rank, world, args.overwrite, args.stop_after_chunks,
+                 record=os.path.join(args.data_path, "scores.json"), flag=None)
+    if out.complete:
+        if rank == 0:
+            print(f"{scores_path} is already complete for these settings; nothing to do (--overwrite recomputes it)")
+        return cleanup_distributed()
 
-    # Rows of a partial run are only valid for the same settings.
-    if rank == 0:
-        request = os.path.join(partial, "request.json")
-        if os.path.isdir(partial):
-            try:
-                with open(request) as f:
-                    stale = json.load(f) != settings
-            except (OSError, ValueError):
-                stale = True
-            if stale:
-                print(f"{partial} was made with other settings: starting over")
-                shutil.rmtree(partial)
-        os.makedirs(partial, exist_ok=True)
-        if not os.path.exists(request):
-            atomic_save(settings, request)
-    barrier()
-    logger = create_logger(None, rank, name="score")
-    if rank == 0:
-        fh = logging.FileHandler(os.path.join(args.data_path, "score_log.txt"))
-        fh.setFormatter(logger.handlers[0].formatter)
-        logger.addHandler(fh)
-
-    cuda = device.type == "cuda"
-    compiled = cuda and not args.no_compile
-    bf16 = cuda and args.precision == "bf16"
-    if cuda:
+    if device.type == "cuda":
         fast_cuda_defaults()
-    if compiled:
+    args.compiled = compile_on(args, device)
+    if args.compiled:
         model = torch.compile(model)
-    work = ChunkedWork(partial, n, args.chunk_size, rank, world)
-    scores = work.array("scores.npy", (n,), np.float32)
-    chunks = work.chunks()
-    remaining = sum(hi - lo for lo, hi in chunks if not os.path.exists(os.path.join(work.marks, str(lo))))
-    logger.info(f"{args.data_path}: {n} images, latents {tuple(latents.shape[-3:])}, scorer {info['model']} "
-                f"({objective}{', reverse time' if info['reverse_time'] else ''}) from {args.ckpt}, "
+    out.start(len(labels), args.chunk_size)
+    logger = create_logger(args.data_path, rank, name="score", filename="score_log.txt")
+    bf16 = device.type == "cuda" and args.precision == "bf16"
+    todo, start = out.remaining(), time.time()
+    logger.info(f"{args.data_path}: {len(labels)} images, latents {tuple(latents.shape[-3:])}, scorer {info['model']} "
+                f"({info['objective']}{', reverse time' if info['reverse_time'] else ''}) from {args.ckpt}, "
                 f"{args.num_timesteps} timesteps, seed {args.global_seed}, {world} rank(s), "
-                f"{'bf16 autocast' if bf16 else 'fp32'}{', compiled' if compiled else ''}")
-    logger.info(f"{len(chunks) - work.num_done()} of {len(chunks)} chunks to do: scoring {remaining} images")
-
-    batches = work.batches(args.batch_size, args.stop_after_chunks)
-    workers = args.num_workers if args.num_workers is not None else (4 if cuda else 0)
-    loader = DataLoader(ScoreRows(args.data_path, labels, args.num_timesteps, objective, args.global_seed),
-                        batch_sampler=batches, num_workers=workers, pin_memory=cuda)
-    start = chunk_start = time.time()
-    chunk_images = 0
-    bar = tqdm(total=sum(len(b) for b in batches), unit="img", disable=rank != 0, desc="score")
-    for idx, x, y, t, noise in loader:
-        lo, hi = int(idx[0]), int(idx[-1]) + 1
-        x, y, t, noise = (v.to(device, non_blocking=True) for v in (x, y, t, noise))
-        B = len(x)
-        if compiled and B < args.batch_size:  # pad the short last batch of a chunk: no recompilation
-            pad = args.batch_size - B
-            x, y, t, noise = (torch.cat([v, v[:1].expand(pad, *v.shape[1:])]) for v in (x, y, t, noise))
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            s = score_batch(model, objective, schedule, x, y, t, noise)[:B].float().cpu()
-        if not torch.isfinite(s).all():
-            die(f"non-finite loss for images {lo}..{hi - 1} of {args.data_path} with --ckpt {args.ckpt}: the "
-                f"checkpoint or the latents are broken (finished chunks are kept in {partial})")
-        scores[lo:hi] = s.numpy()
-        bar.update(B)
-        chunk_images += B
-        if work.written(lo, hi):
-            now = time.time()
-            logger.info(f"chunk {lo // args.chunk_size + 1}/{len(chunks)} done: "
-                        f"{chunk_images / max(now - chunk_start, 1e-9):.1f} images/s on rank {rank}")
-            chunk_start, chunk_images = now, 0
-    bar.close()
-    if args.stop_after_chunks is not None:
-        barrier()
-        die(f"stopped after {args.stop_after_chunks} chunk(s) per rank as --stop-after-chunks asked; "
-            f"run again without it to resume ({partial} keeps the finished chunks)")
-
-    if rank == 0 and os.path.exists(out_json):  # never leave old settings beside new scores
-        os.remove(out_json)
-    work.finish({"scores.npy": out})  # waits for every rank; fails if a chunk is missing
-    elapsed = time.time() - start
+                f"{'bf16 autocast' if bf16 else 'fp32'}{', compiled' if args.compiled else ''}; {out.summary('images')}")
+    score_chunks(out, model, info, labels, args, device, logger)
+    out.end_chunks()  # waits for every rank; fails if a chunk is missing
     if rank == 0:
-        atomic_save({"settings": settings, "scorer": info["model"], "objective": objective,
-                     "reverse_time": info["reverse_time"], "precision": "bf16" if bf16 else "fp32",
-                     "stats": {q: float(np.quantile(scores, p)) for q, p in
-                               (("min", 0), ("median", 0.5), ("max", 1))}}, out_json)
-        del scores, work
-        shutil.rmtree(partial, ignore_errors=True)
-        logger.info(f"scored {remaining} images in {elapsed:.1f} s: {remaining / max(elapsed, 1e-9):.1f} images/s "
-                    f"on {world} rank(s); wrote {out}")
-        fh.close()
+        scores = np.load(out.path("scores.npy"))
+        logger.info(f"scored {todo} images in {time.time() - start:.1f} s on {world} rank(s); wrote {scores_path}")
+        out.commit(logger, record={"scorer": info["model"], "objective": info["objective"],
+                                   "precision": "bf16" if bf16 else "fp32",
+                                   "stats": {q: float(np.quantile(scores, p)) for q, p in
+                                             (("min", 0), ("median", 0.5), ("max", 1))}})
     cleanup_distributed()
 
 
 def get_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-path", type=str, required=True, help="dataset directory made by encode.py")
-    parser.add_argument("--ckpt", type=str, required=True, help="scorer checkpoint (train.py, DiT, SiT or REPA)")
-    parser.add_argument("--model", type=str, default=None,
-                        help="network of a bare public checkpoint, e.g. DiT-XL/2 or SiT-XL/2 (ours store it)")
-    parser.add_argument("--num-timesteps", type=int, default=10,
-                        help="timesteps per image, stratified over the schedule, one noise each (the paper does "
-                             "not state it)")
-    parser.add_argument("--global-seed", type=int, default=0, help="seeds every image's timesteps and noises")
-    parser.add_argument("--batch-size", type=int, default=64,
-                        help="images per forward on each rank (the forward holds batch-size x num-timesteps rows)")
-    parser.add_argument("--chunk-size", type=int, default=4096,
-                        help="images per resumable unit of work (a killed run loses at most one chunk per rank)")
-    parser.add_argument("--num-workers", type=int, default=None,
-                        help="loader workers per rank (default 4 on CUDA, 0 on CPU)")
-    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile on CUDA")
-    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
-                        help="network precision on CUDA: bf16 autocast or fp32 (TF32 matmuls); CPU is always fp32")
-    parser.add_argument("--overwrite", action="store_true", help="recompute an existing scores.npy")
-    parser.add_argument("--stop-after-chunks", type=int, default=None,
-                        help="for testing resumption only: stop (exit status 1) after each rank finished this "
-                             "many chunks, as if the job had been killed")
-    return parser
+    p = parser(__doc__)
+    p.add_argument("--data-path", type=str, required=True, help="dataset directory made by encode.py")
+    p.add_argument("--ckpt", type=str, required=True, help="scorer checkpoint (train.py, DiT, SiT or REPA)")
+    p.add_argument("--model", type=str, default=None,
+                   help="network of a bare public checkpoint, e.g. DiT-XL/2 or SiT-XL/2 (ours store it)")
+    add_time_convention_flag(p)
+    p.add_argument("--num-timesteps", type=int, default=10,
+                   help="timesteps per image, stratified over the schedule, one noise each (the paper does not state it)")
+    p.add_argument("--global-seed", type=int, default=0, help="seeds every image's timesteps and noises")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="images per forward on each rank (the forward holds batch-size x num-timesteps rows)")
+    p.add_argument("--num-workers", type=int, default=None, help="loader workers per rank (default 4 on CUDA, 0 on CPU)")
+    add_compile_flag(p)
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                   help="network precision on CUDA: bf16 autocast or fp32 (TF32 matmuls); CPU is always fp32")
+    add_output_flags(p, 4096, "images")
+    return p
 
 
 if __name__ == "__main__":
-    main(get_parser().parse_args())
+    run(main, get_parser().parse_args())

@@ -127,7 +127,7 @@ def test_scores_equal_the_epsilon_loss_of_the_ema_weights_computed_directly(base
     assert base["ref"].dtype == np.float32 and base["ref"].shape == (N,)
     with open(os.path.join(base["data"], "scores.json")) as f:
         info = json.load(f)
-    assert info["settings"]["num_timesteps"] == T and info["objective"] == "ddpm"
+    assert info["request"]["num_timesteps"] == T and info["objective"] == "ddpm"
     assert not os.path.exists(os.path.join(base["data"], "scores.partial"))
     assert "images/s" in open(os.path.join(base["data"], "score_log.txt")).read()
 
@@ -212,7 +212,7 @@ def test_a_stopped_run_resumes_without_recomputing_finished_chunks(base):
     out = np.load(os.path.join(data, "scores.npy"))
     assert np.all(out[:4] == -1.0)
     assert np.array_equal(out[4:], base["ref"][4:])
-    assert "2 of 3 chunks to do: scoring 8 images" in open(os.path.join(data, "score_log.txt")).read()
+    assert "1 of 3 chunks already done; 8 images to do" in open(os.path.join(data, "score_log.txt")).read()
     assert not os.path.exists(partial)
 
 
@@ -262,7 +262,7 @@ def test_existing_scores_are_kept_for_the_same_settings_and_refused_for_others(b
         main(args[:-1] + ["3"])
     main(args[:-1] + ["3", "--overwrite"])
     with open(os.path.join(data, "scores.json")) as f:
-        assert json.load(f)["settings"]["num_timesteps"] == 3
+        assert json.load(f)["request"]["num_timesteps"] == 3
     os.remove(os.path.join(data, "scores.json"))  # a scores.npy of unknown origin
     with pytest.raises(SystemExit, match="does not say how it was made"):
         main(args)
