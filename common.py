@@ -100,9 +100,10 @@ def item_seed(global_seed, index):
 
 def setup_distributed():
     """
-    Initialise torch.distributed when launched by torchrun (NCCL on CUDA, gloo on CPU).
-    Returns (rank, world_size, device). Plain `python` gives (0, 1, cuda:0 or cpu).
+    Initialise torch.distributed when launched by torchrun (NCCL on CUDA, gloo on CPU), with TF32
+    matmuls on CUDA. Returns (rank, world_size, device). Plain `python` gives (0, 1, cuda:0 or cpu).
     """
+    fast_cuda_defaults()
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local = int(os.environ.get("LOCAL_RANK", 0))
@@ -243,7 +244,7 @@ class Output:
     finished chunk leaves a marker, so a rerun with any number of ranks does only what is missing.
 
         out = Output(args.out, request, rank, world, args.overwrite, args.stop_after_chunks)
-        if out.complete:                   # OUT already holds this request: nothing to do
+        if out.complete:                   # OUT already holds this request: it says so, nothing to do
             return
         out.start(n, chunk)                # OUT.partial/ (another request's is started over)
         feats = out.array("feats.npy", (n, 768), np.float16)
@@ -274,6 +275,8 @@ class Output:
             elsewhere = f", or choose another {flag}" if flag else ""
             if old == request and not overwrite:
                 self.complete = True
+                if rank == 0:
+                    print(f"{self.out} is already complete with these settings; nothing to do (--overwrite redoes it)")
             elif old is None and self.is_dir:
                 die(f"{flag} {self.out} exists but was not made by this stage (no {self.record}): choose another "
                     f"{flag} (it will not be deleted)")
@@ -503,25 +506,26 @@ def reachable(url, timeout=3.0):
         return False
 
 
-def need_download(name, url, flag):
+def need_download(name, url, flag, offline=False):
     """Fail at once, with the fix, when `name` must come from `url` and there is no network (the
     hub clients would otherwise retry for half a minute, then blame the name)."""
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") and "huggingface.co" in url
     if offline or not reachable(url):
-        die(f"{flag} {name}: cannot download it (no network{', HF_HUB_OFFLINE is set' if offline else ''}?): "
-            "download it where there is one and pass the local path")
+        die(f"{flag} {name}: cannot download it (no network?): download it where there is one and pass the local path")
 
 
 def from_hub(load, name, flag):
-    """load(local_files_only) of a Hugging Face hub id or local directory: a cached or local copy
-    first, the network only when it answers."""
+    """load() of a Hugging Face hub id or a local directory. Where huggingface.co does not answer,
+    the hub clients are switched to their local cache, so a missing model fails at once."""
     if os.path.exists(name):
-        return load(False)
+        return load()
+    import huggingface_hub.constants as hub
+    if not hub.HF_HUB_OFFLINE and not reachable("https://huggingface.co"):
+        hub.HF_HUB_OFFLINE = True  # read at every request by huggingface_hub, transformers and diffusers
     try:
-        return load(True)
-    except Exception:  # noqa: BLE001 (not in the cache)
-        need_download(name, "https://huggingface.co", flag)
-        return load(False)
+        return load()
+    except Exception:  # noqa: BLE001 (not in the cache, or the network failed)
+        need_download(name, "https://huggingface.co", flag, offline=hub.HF_HUB_OFFLINE)
+        raise
 
 
 VAE_IDS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
@@ -534,7 +538,7 @@ def load_vae(name, device):
     from diffusers.models import AutoencoderKL
     repo = VAE_IDS.get(name, name)
     try:
-        vae = from_hub(lambda local: AutoencoderKL.from_pretrained(repo, local_files_only=local), repo, "--vae")
+        vae = from_hub(lambda: AutoencoderKL.from_pretrained(repo), repo, "--vae")
     except SystemExit:
         raise
     except Exception as e:  # noqa: BLE001 (hub, path and format errors all mean the same to a user)

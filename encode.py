@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from common import (VAE_IDS, Output, add_output_flags, atomic_save, atomic_write, check_output, cleanup_distributed,
-                    create_logger, crop_loader, default_workers, die, fast_cuda_defaults, load_vae, parser, progress,
+                    create_logger, crop_loader, default_workers, die, load_vae, parser, progress,
                     run, setup_distributed)
 
 # The extensions torchvision's ImageFolder accepts (compared case-insensitively).
@@ -159,15 +159,11 @@ def main(args):
                "count": len(files), "files_sha1": digest}
     out = Output(args.out, request, rank, world, args.overwrite, args.stop_after_chunks)
     if out.complete:
-        if rank == 0:
-            print(f"{out.out} is already complete ({len(files)} images); nothing to do (--overwrite rebuilds it)")
         return cleanup_distributed()
 
     vae = load_vae(args.vae, device)
     args.latent_shape = latent_shape_of(vae, args)
     args.num_workers = default_workers() if args.num_workers is None else args.num_workers
-    if device.type == "cuda":
-        fast_cuda_defaults()
     out.start(len(files), args.chunk_size)
     logger = create_logger(out.partial, rank, name="encode")
     todo = out.remaining()

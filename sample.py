@@ -32,7 +32,7 @@ from PIL import Image
 
 import diffusion
 from common import (Output, add_compile_flag, add_time_convention_flag, atomic_write, check_output,
-                    cleanup_distributed, compile_on, create_logger, die, fast_cuda_defaults, item_seed, load_model,
+                    cleanup_distributed, compile_on, create_logger, die, item_seed, load_model,
                     load_vae, parser, progress, run, setup_distributed)
 
 
@@ -181,7 +181,6 @@ def main(args):
     for path in (out_dir, out_dir + ".npz", out_dir + "_grid.png"):
         check_output(path, [args.ckpt], "--sample-dir")
     rank, world, device = setup_distributed()
-    fast_cuda_defaults()
     model, info = load_model(args.ckpt, args.model, use_ema=args.ema, device=device, time_conv=args.time_convention)
     meta = info["meta"] or {}
     num_classes, C, size = model.num_classes, model.in_channels, info["config"]["input_size"]
@@ -198,8 +197,6 @@ def main(args):
     if out.complete:
         if rank == 0 and not os.path.exists(out_dir + ".npz"):
             build_npz(out_dir, n, requested_labels(n, num_classes, args.global_seed, balanced), out_dir + ".npz")
-        if rank == 0:
-            print(f"{out_dir} is already complete ({n} samples); nothing to do (--overwrite samples again)")
         return cleanup_distributed()
 
     vae, latent_scale, image_size = decoder(args, meta, C, size, device)

@@ -42,7 +42,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from common import (Output, add_compile_flag, add_output_flags, add_time_convention_flag, check_output,
-                    cleanup_distributed, compile_on, create_logger, die, fast_cuda_defaults, item_seed, load_dataset,
+                    cleanup_distributed, compile_on, create_logger, die, item_seed, load_dataset,
                     load_model, parser, progress, quiet_worker, run, setup_distributed, unflipped)
 from diffusion import NUM_TIMESTEPS, DDPMSchedule, ReverseTime, diffusion_loss, linear_betas
 
@@ -176,12 +176,8 @@ def main(args):
     out = Output(scores_path, request, rank, world, args.overwrite, args.stop_after_chunks,
                  record=os.path.join(args.data_path, "scores.json"), flag=None)
     if out.complete:
-        if rank == 0:
-            print(f"{scores_path} is already complete for these settings; nothing to do (--overwrite recomputes it)")
         return cleanup_distributed()
 
-    if device.type == "cuda":
-        fast_cuda_defaults()
     args.compiled = compile_on(args, device)
     if args.compiled:
         model = torch.compile(model)

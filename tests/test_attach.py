@@ -130,10 +130,26 @@ def test_without_encoders_all_rows_are_copied_and_images_are_not_needed(world):
     r = run("--data-path", world["root"] / "missing", "--out", out, "--text-encoder", "none", "--vis-encoder", "none")
     assert r.returncode == 0, r.stderr
     assert sorted(os.listdir(out)) == ["files.txt", "indices.npy", "labels.npy", "latents.npy", "log.txt",
-                                       "meta.json", "scores.npy"]
+                                       "meta.json", "request.json", "scores.npy"]
     np.testing.assert_array_equal(np.load(out / "latents.npy"), np.load(world["root"] / "missing" / "latents.npy"))
     assert np.load(out / "indices.npy").tolist() == list(range(len(IMAGES)))
     assert json.loads((out / "meta.json").read_text())["indices"] == {"file": None, "count": len(IMAGES)}
+
+
+def test_precomputed_vis_features_are_the_parents_rows_at_the_indices_cut_to_h_tokens(world):
+    feats = np.random.default_rng(1).standard_normal((len(IMAGES), 2, 5, 7)).astype(np.float32)  # (N, 2 flips, T, D)
+    np.save(world["root"] / "feats.npy", feats)
+    out = world["root"] / "sub_feats"
+    r = run("--data-path", world["root"] / "flip", "--indices", world["idx"], "--out", out, "--text-encoder", "none",
+            "--vis-features", world["root"] / "feats.npy", "--vis-tokens", 3)
+    assert r.returncode == 0, r.stderr
+    vis = np.load(out / "vis.npy")
+    assert vis.dtype == np.float16 and vis.shape == (3, 2, 3, 7)
+    np.testing.assert_array_equal(vis, feats[SUBSET][:, :, :3].astype(np.float16))
+    assert json.loads((out / "meta.json").read_text())["vis_dim"] == 7
+    r = run("--data-path", world["root"] / "plain", "--out", world["root"] / "sub_feats_bad", "--text-encoder", "none",
+            "--vis-features", world["root"] / "feats.npy", "--vis-tokens", 3)  # no flips stored: (N, T, D) expected
+    assert r.returncode == 1 and "--vis-features" in r.stderr.splitlines()[-1] and "Traceback" not in r.stderr
 
 
 # ----------------------------------------------------------------------------- class texts
