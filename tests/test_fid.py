@@ -1,13 +1,22 @@
 """
 fid.py against independent references: closed forms of the Frechet distance between Gaussians, hand-computed
 Inception Scores, a brute-force precision/recall, a pixel-by-pixel TF1 resize, and pytorch-fid's own Inception
-modules for the same (random) weights. The CLI runs end to end on tiny npz files with random weights.
+modules for the same (random) weights. The CLI runs end to end on tiny npz files with random weights, and each
+kind of bad input, run as a user runs it, ends in one last "error:" line with every file as it was.
 """
+import fcntl
 import json
 import math
 import os
+import pty
+import signal
+import struct
 import subprocess
 import sys
+import tempfile
+import termios
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -301,6 +310,7 @@ def test_cli_end_to_end_then_from_saved_statistics(tmp_path, weights_file, monke
            "--batch-size", "4", "--is-splits", "2", "--save-stats"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
+    assert "\r" not in r.stdout + r.stderr  # no progress-bar redraws in a log that is not a terminal
     first = json.load(open(tmp_path / "samples_fid.json"))
     assert first["num_samples"] == 6 and first["num_ref"] == 5
     assert first["fid"] > 0 and first["sfid"] > 0 and first["is"] >= 1
@@ -356,6 +366,8 @@ def bad_inputs(tmp_path, weights_file):
         ("mixed resolutions", [str(tmp_path / "mixed"), "--ref", good, *w], "b.png"),
         ("wrong weights", [good, "--ref", good, "--inception-weights", str(tmp_path / "wrong.pth")], "wrong.pth"),
         ("other extractor", [str(tmp_path / "stats64.npz"), "--ref", str(tmp_path / "stats2048.npz")], "stats64.npz"),
+        ("flag value", [good, "--ref", good, "--batch-size", "many"], "--batch-size"),
+        ("missing flag", [good], "--ref"),
     ]
 
 
@@ -365,3 +377,179 @@ def test_cli_bad_inputs_stop_with_an_error_naming_the_file(tmp_path, weights_fil
             fid.main([*argv, "--out", str(tmp_path / "out.json")])
         assert str(e.value.code).startswith("error:") and text in str(e.value.code), (name, e.value.code)
     assert not os.path.exists(tmp_path / "out.json")
+
+
+def test_help_shows_every_flag_with_its_default(capsys):
+    with pytest.raises(SystemExit) as e:
+        fid.main(["--help"])
+    text = "".join(capsys.readouterr().out.split())  # argparse wraps lines, even inside the URL
+    assert e.value.code == 0
+    for flag in ("--ref", "--out", "--inception-weights", "--batch-size", "--is-splits", "--save-stats", "--tf32"):
+        assert flag in text
+    for default in ("200", "10", "SAMPLES_fid.json", fid.FID_WEIGHTS_URL):
+        assert f"(default:{default})" in text
+
+
+# ----------------------------------------------------------------------------- CLI: bad input, as a user meets it
+
+def snapshot(folder):
+    """Every file under folder with its bytes and mtime: a failed run must change nothing and leave nothing."""
+    return {str(p): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def run_fid(*argv, env=None):
+    """python fid.py ARGV from the repository root, stdout and stderr in one stream as a terminal shows them."""
+    return subprocess.run([sys.executable, "fid.py", *map(str, argv)], cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=120, env=env)
+
+
+def assert_fails_cleanly(r, before, folder, *names):
+    """Nonzero exit, one 'error:' line naming names as the very last output, no traceback, nothing changed."""
+    last = r.stdout.strip().splitlines()[-1]
+    assert r.returncode != 0, r.stdout
+    assert last.startswith("error: ") and all(str(n) in last for n in names), r.stdout
+    assert "Traceback" not in r.stdout
+    assert snapshot(folder) == before
+
+
+@pytest.fixture
+def sides(tmp_path, weights_file):
+    """Tiny SAMPLES and --ref image files, and the flags that would let a run go through to the end."""
+    samples, ref = write_images(tmp_path / "samples.npz", 4, 8, 0), write_images(tmp_path / "ref.npz", 4, 8, 1)
+    return samples, ref, ["--inception-weights", weights_file, "--is-splits", "2"]
+
+
+@pytest.mark.parametrize("target", ["samples", "ref"])
+def test_out_onto_an_input_is_refused(tmp_path, sides, target):
+    samples, ref, flags = sides
+    before = snapshot(tmp_path)
+    r = run_fid(samples, "--ref", ref, *flags, "--out", {"samples": samples, "ref": ref}[target])
+    assert_fails_cleanly(r, before, tmp_path, "--out", f"{target}.npz")
+    assert "images/s" not in r.stdout  # refused before the Inception pass
+
+
+def test_save_stats_onto_an_input_is_refused(tmp_path, sides):
+    samples, _, flags = sides
+    ref = tmp_path / "samples_stats.npz"  # what --save-stats would write for SAMPLES
+    np.savez(ref, feats=np.random.default_rng(0).normal(size=(4, 2048)).astype(np.float32))
+    before = snapshot(tmp_path)
+    r = run_fid(samples, "--ref", ref, *flags, "--save-stats")
+    assert_fails_cleanly(r, before, tmp_path, "--save-stats", "samples_stats.npz")
+    assert "images/s" not in r.stdout
+
+
+def takes_new_files(folder):
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def unwritable_dir(tmp_path):
+    """A folder that takes no new files: one made read-only, or for root, who ignores that, sysfs."""
+    folder = tmp_path / "readonly"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if takes_new_files(folder):
+        folder = Path("/sys")
+        if not folder.is_dir() or takes_new_files(folder):
+            pytest.skip("no folder here refuses new files")
+    yield folder
+    (tmp_path / "readonly").chmod(0o755)
+
+
+@pytest.mark.parametrize("where", ["missing folder", "read-only folder"])
+def test_out_in_an_unwritable_place_is_refused_before_any_work(tmp_path, sides, unwritable_dir, where):
+    samples, ref, flags = sides
+    out = (tmp_path / "missing" if where == "missing folder" else unwritable_dir) / "metrics.json"
+    before = snapshot(tmp_path)
+    r = run_fid(samples, "--ref", ref, *flags, "--out", out)
+    assert_fails_cleanly(r, before, tmp_path, "--out", out)
+    assert "images/s" not in r.stdout and not out.exists()
+
+
+def test_npz_without_images_or_statistics_says_how_to_write_one(tmp_path, sides):
+    _, ref, flags = sides
+    np.savez(tmp_path / "other.npz", images=np.zeros((4, 8, 8, 3), np.uint8))
+    before = snapshot(tmp_path)
+    r = run_fid(tmp_path / "other.npz", "--ref", ref, *flags)
+    assert_fails_cleanly(r, before, tmp_path, "SAMPLES", "other.npz", "arr_0=", "--save-stats")
+
+
+def test_truncated_npz_is_named_with_the_fix(tmp_path, sides):
+    samples, ref, flags = sides
+    data = Path(ref).read_bytes()
+    Path(ref).write_bytes(data[:len(data) // 2])
+    before = snapshot(tmp_path)
+    r = run_fid(samples, "--ref", ref, *flags, "--save-stats")
+    assert_fails_cleanly(r, before, tmp_path, "--ref", "ref.npz", "np.savez")
+
+
+def run_in_terminal(*argv, signal_when=None):
+    """
+    fid.py with stdout and stderr on a pseudo-terminal, so that tqdm draws its bar: (exit status, output).
+    signal_when=(text, signal): send the signal once the output shows the text twice, as Ctrl-C or kill would.
+    """
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a new pty is 0 columns wide
+    p = subprocess.Popen([sys.executable, "fid.py", *map(str, argv)], cwd=ROOT, stdout=slave, stderr=slave,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a shell starts it
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the terminal closes when fid.py exits
+            break
+        if not chunk:
+            break
+        out += chunk
+        if signal_when and out.count(signal_when[0].encode()) >= 2:
+            p.send_signal(signal_when[1])
+            signal_when = None
+    os.close(master)
+    return p.wait(timeout=120), out.decode(errors="replace")
+
+
+def test_corrupt_npz_found_during_the_inception_pass_ends_with_the_error_after_the_bar(tmp_path, sides):
+    _, _, flags = sides
+    samples = tmp_path / "samples_stats.npz"  # statistics: the one Inception pass is the reference's
+    np.savez(samples, feats=np.random.default_rng(0).normal(size=(4, 2048)).astype(np.float32))
+    ref = write_images(tmp_path / "ref.npz", 2, 32, 1)  # 6 KB, beyond zipfile's first 4 KB read of arr_0
+    data = bytearray(Path(ref).read_bytes())
+    data[len(data) // 2] ^= 0xFF  # a pixel: zipfile's CRC check fails when the second image is read
+    Path(ref).write_bytes(bytes(data))
+    before = snapshot(tmp_path)
+    code, out = run_in_terminal(samples, "--ref", ref, *flags, "--batch-size", "1", "--save-stats")
+    lines = [line for line in out.replace("\r", "\n").splitlines() if line.strip()]
+    assert code == 1 and "inception ref" in out, out  # the bar was drawn
+    assert lines[-1].startswith("error: --ref") and "ref.npz" in lines[-1] and "Traceback" not in out, out
+    assert snapshot(tmp_path) == before
+
+
+def test_unreachable_weights_url_fails_fast_with_the_fix(tmp_path, sides):
+    samples, ref, _ = sides
+    url = "https://fid-weights.invalid/pt_inception-2015-12-05-6726825d.pth"  # .invalid never resolves
+    before = snapshot(tmp_path)
+    t0 = time.time()
+    r = run_fid(samples, "--ref", ref, "--inception-weights", url, env={**os.environ, "TORCH_HOME": str(tmp_path / "hub")})
+    assert time.time() - t0 < 30
+    assert_fails_cleanly(r, before, tmp_path, "--inception-weights PATH")
+    assert r.stdout.strip().splitlines()[-1] == (f"error: cannot download {url} (no network?): download it where there "
+                                                  "is one and pass the local path with --inception-weights PATH")
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupt_during_the_inception_pass_leaves_nothing_and_says_so_last(tmp_path, weights_file, sig, code):
+    samples = tmp_path / "samples_stats.npz"  # statistics: the one Inception pass is the reference's
+    np.savez(samples, feats=np.random.default_rng(0).normal(size=(4, 2048)).astype(np.float32))
+    ref = write_images(tmp_path / "ref.npz", 200, 8, 1)  # long enough to be interrupted in its pass
+    before = snapshot(tmp_path)
+    status, out = run_in_terminal(samples, "--ref", ref, "--inception-weights", weights_file, "--batch-size", "1",
+                                  "--is-splits", "2", "--save-stats", signal_when=("inception ref:", sig))  # a redraw: mid-pass
+    lines = [line for line in out.replace("\r", "\n").splitlines() if line.strip()]
+    assert status == code, out
+    assert lines[-1].startswith("error: interrupted") and "Traceback" not in out, out
+    assert snapshot(tmp_path) == before
