@@ -5,18 +5,19 @@ full data or a condensed subset, with the same command.
 Reads  DIR/latents.npy, labels.npy, meta.json; DIR/vis.npy when present (REPA-style alignment
        of the tokens after block --encoder-depth to the stored visual features, weight
        --proj-coeff); DIR/text.pt with --text-cond (DC-Embedding).
-Writes RESULTS/checkpoints/0000100.pt ... (model, EMA, optimizer, step, args, RNG, data
-       position, the model config and the dataset meta), RESULTS/log.txt.
-Running the same command again continues from the newest checkpoint in RESULTS, exactly as an
-uninterrupted run would.
+Writes RESULTS/checkpoints/0000100.pt ... (model, EMA, optimizer, step, args, the model config
+       and the dataset meta), RESULTS/log.txt.
+Running the same command again continues from the newest readable checkpoint in RESULTS, exactly
+as an uninterrupted run would. Ctrl-C or SIGTERM (a cluster's preemption notice) finishes the
+current step on every rank, saves a checkpoint at it and stops; a second one stops at once.
 
-    torchrun --nproc_per_node=8 train.py --data-path data/d2c10k --model SiT-L/2 \
+    torchrun --nproc_per_node=8 train.py --data-path data/d2c10k --model SiT-L/2 \\
         --text-cond --results-dir results/sit-l2-d2c10k --max-steps 100000
 """
 import argparse
 import functools
-import glob
 import os
+import signal
 import time
 from copy import deepcopy
 
@@ -24,9 +25,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
-from common import atomic_save, cleanup_distributed, create_logger, die, fast_cuda_defaults, load_dataset, setup_distributed
+from common import (add_compile_flag, atomic_save, check_output, cleanup_distributed, compile_on, create_logger, die,
+                    item_seed, load_array, load_dataset, newest_checkpoint, parser, progress, quiet_worker, run,
+                    setup_distributed)
 from diffusion import DDPMSchedule, diffusion_loss, linear_betas, objective_of, projection_loss, sample_time
 from models import SIZES, DiT_models
 
@@ -78,14 +80,44 @@ class StepBatches(torch.utils.data.Dataset):
         return out
 
 
-def step_noise(args, objective, step, shape, device, lo, hi):
-    """Noise, times and label-dropout mask of the global batch of one step, sliced to this rank."""
-    g = torch.Generator(device=device).manual_seed(args.global_seed * 1_000_003 + step)
+def step_noise(objective, step, shape, device, lo=0, hi=None, *, global_seed=0, time_weighting="uniform",
+               class_dropout_prob=0.1):
+    """Noise, times and label-dropout mask of the global batch `shape` of one step, rows lo:hi of it."""
+    g = torch.Generator(device=device).manual_seed(item_seed(global_seed, step))
     B = shape[0]
     noise = torch.randn(shape, generator=g, device=device)[lo:hi]
-    t = sample_time(objective, B, device, g, weighting=args.time_weighting)[lo:hi]
-    drop = (torch.rand(B, generator=g, device=device) < args.class_dropout_prob)[lo:hi]
+    t = sample_time(objective, B, device, g, weighting=time_weighting)[lo:hi]
+    drop = (torch.rand(B, generator=g, device=device) < class_dropout_prob)[lo:hi]
     return noise, t, drop
+
+
+def make_step(model, ema, opt, objective, *, net=None, bf16=False, proj_coeff=0.5, max_grad_norm=1.0,
+              ema_decay=0.9999):
+    """
+    train.py's optimisation step: returns step(x, y, vis, noise, t, drop) -> (L_diff, L_proj) as
+    detached device scalars (the step never waits on the device), after L_diff + proj_coeff * L_proj
+    (vis=None: no alignment) in bf16 autocast or fp32, backward, clipping, AdamW and the EMA
+    update. net is what to call (DDP-wrapped or compiled), model the bare network.
+    """
+    net, schedule = net or model, DDPMSchedule(linear_betas())
+    params, ema_params = list(model.parameters()), list(ema.parameters())
+
+    def step(x, y, vis, noise, t, drop):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            fwd = functools.partial(net, force_drop_ids=drop.long())
+            loss_diff, zs = diffusion_loss(objective, fwd, x, y, t, noise, schedule)
+            loss_diff = loss_diff.mean()
+            loss_proj = projection_loss(zs, [vis]).mean() if vis is not None else torch.zeros((), device=x.device)
+            loss = loss_diff + proj_coeff * loss_proj
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, params, 1 - ema_decay)
+        return loss_diff.detach(), loss_proj.detach()
+    return step
 
 
 def default_encoder_depth(model_name):
@@ -106,97 +138,51 @@ def set_activation_memory_budget(budget):
     aot_config.activation_memory_budget = budget
 
 
-@torch.no_grad()
-def update_ema(ema_params, params, decay):
-    torch._foreach_lerp_(ema_params, params, 1 - decay)
-
-
-def train_step(net, model, opt, ema_params, x, y, vis, noise, t, drop, objective, schedule, autocast, args):
-    """
-    One optimisation step: L_diff (+ proj_coeff * L_proj with vis), backward, clipping, AdamW,
-    EMA. net is the (DDP/compiled) model to call, model the bare one. Returns the two losses as
-    detached device scalars, so the step never waits on the device.
-    """
-    with autocast:
-        fwd = functools.partial(net, force_drop_ids=drop.long())
-        loss_diff, zs = diffusion_loss(objective, fwd, x, y, t, noise, schedule)
-        loss_diff = loss_diff.mean()
-        loss_proj = projection_loss(zs, [vis]).mean() if vis is not None else torch.zeros((), device=x.device)
-        loss = loss_diff + args.proj_coeff * loss_proj
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if args.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-    opt.step()
-    update_ema(ema_params, list(model.parameters()), args.ema_decay)
-    return loss_diff.detach(), loss_proj.detach()
-
-
 def check_inputs(args, world):
-    """Every bad-input error, before anything is written."""
+    """Every bad-input error, before anything is written: (latents, labels, meta, vis or None, text or None)."""
     if args.model not in DiT_models:
         die(f"--model {args.model} is unknown: choose one of {', '.join(DiT_models)}")
-    if args.global_batch_size % world:
-        die(f"--global-batch-size {args.global_batch_size} is not divisible by the {world} ranks; "
-            f"use a multiple of {world}")
+    if args.global_batch_size % world or args.global_batch_size < 1:
+        die(f"--global-batch-size {args.global_batch_size} is not divisible by the {world} ranks; use a positive "
+            f"multiple of {world}")
+    if min(args.max_steps, args.log_every, args.ckpt_every) < 1:
+        die("--max-steps, --log-every and --ckpt-every must be positive")
+    check_output(args.results_dir, [args.data_path], "--results-dir")
     latents, labels, meta = load_dataset(args.data_path)
-    vis = None
-    vis_path = os.path.join(args.data_path, "vis.npy")
+    vis, vis_path = None, os.path.join(args.data_path, "vis.npy")
     if args.use_vis and os.path.exists(vis_path):
-        vis = np.load(vis_path, mmap_mode="r")
-        if len(vis) != len(labels):
-            die(f"{vis_path} has {len(vis)} rows but the dataset has {len(labels)}: re-run attach.py for this directory")
-        if vis.ndim not in (3, 4) or (vis.ndim == 4) != (latents.ndim == 5):
-            die(f"{vis_path} has shape {vis.shape}; expected (N, h, D), or (N, 2, h, D) when latents store flips: re-run attach.py")
-    text = None
+        vis = load_array(vis_path, f"re-run attach.py for {args.data_path}, or pass --no-vis")
+        if len(vis) != len(labels) or vis.ndim not in (3, 4) or (vis.ndim == 4) != (latents.ndim == 5):
+            die(f"{vis_path} has shape {vis.shape} for {len(labels)} rows; expected (N, h, D), or (N, 2, h, D) when "
+                f"the latents store flips: re-run attach.py for {args.data_path}, or pass --no-vis")
+    text, tp = None, os.path.join(args.data_path, "text.pt")
     if args.text_cond:
-        tp = os.path.join(args.data_path, "text.pt")
-        if not os.path.exists(tp):
-            die(f"--text-cond needs {tp}: run attach.py on {args.data_path} (or drop --text-cond)")
-        text = torch.load(tp, map_location="cpu")
-        if text["emb"].shape[0] != meta["num_classes"]:
-            die(f"{tp} has {text['emb'].shape[0]} classes but meta.json says {meta['num_classes']}: re-run attach.py")
-    H = latents.shape[-1]
-    p = int(args.model.split("/")[-1])
-    depth = SIZES[args.model.split("-")[1].split("/")[0]]["depth"]
-    if H % p:
-        die(f"latents of {args.data_path} are {H}x{H}, not divisible by the patch size of {args.model}")
+        try:
+            text = torch.load(tp, map_location="cpu")
+            ok = text["emb"].ndim == 3 and text["mask"].shape == text["emb"].shape[:2]
+        except Exception:  # noqa: BLE001 (missing, truncated or not ours)
+            ok = False
+        if not ok or text["emb"].shape[0] != meta["num_classes"]:
+            die(f"--text-cond needs {tp} with the class texts of the {meta['num_classes']} classes: run attach.py on "
+                f"{args.data_path} (or drop --text-cond)")
+    H, p = latents.shape[-1], int(args.model.split("/")[-1])
+    if H % p or latents.shape[-2] != H:
+        die(f"latents of {args.data_path} are {latents.shape[-2]}x{H}, not square and divisible by the patch size {p} "
+            f"of {args.model}: pick a patch size that divides {H} (e.g. {args.model.split('/')[0]}/{2 if H % 2 == 0 else 1})")
     if vis is not None and vis.shape[-2] > (H // p) ** 2:
         die(f"{vis_path} has {vis.shape[-2]} tokens per image but {args.model} at {H}x{H} has {(H // p) ** 2}: "
             "re-run attach.py with a smaller --vis-tokens")
-    if args.encoder_depth > depth:
-        die(f"--encoder-depth {args.encoder_depth} exceeds the {depth} blocks of {args.model}")
+    if args.encoder_depth > SIZES[args.model.split("-")[1].split("/")[0]]["depth"]:
+        die(f"--encoder-depth {args.encoder_depth} exceeds the blocks of {args.model}")
     return latents, labels, meta, vis, text
 
 
-def latest_checkpoint(results_dir):
-    ckpts = sorted(glob.glob(os.path.join(results_dir, "checkpoints", "*.pt")))
-    return ckpts[-1] if ckpts else None
-
-
-def main(args):
-    rank, world, device = setup_distributed()
-    if args.encoder_depth is None:
-        args.encoder_depth = default_encoder_depth(args.model)
-    latents, labels, meta, vis, text = check_inputs(args, world)
-    set_activation_memory_budget(args.activation_memory_budget)
-    resume = latest_checkpoint(args.results_dir)
-    ckpt = torch.load(resume, map_location="cpu", weights_only=False) if resume else None
-    if ckpt is not None:
-        for k in RUN_DEFINING:
-            if ckpt["args"].get(k) != vars(args).get(k):
-                die(f"{args.results_dir} holds a run with --{k.replace('_', '-')} {ckpt['args'].get(k)}, not "
-                    f"{vars(args).get(k)}: use the same flags to resume, or another --results-dir")
-
-    cuda = device.type == "cuda"
-    if cuda:
-        fast_cuda_defaults()
+def build(args, latents, meta, vis, text, ckpt):
+    """(model, EMA copy, constructor kwargs): initialised from --global-seed, or from the checkpoint."""
     torch.manual_seed(args.global_seed)  # same initial weights on every rank
-    objective = objective_of(args.model)
-    C, H = latents.shape[-3], latents.shape[-1]
-    kwargs = dict(input_size=H, in_channels=C, num_classes=meta["num_classes"], qk_norm=args.qk_norm,
-                  learn_sigma=args.learn_sigma if args.learn_sigma is not None else objective == "ddpm",
-                  class_dropout_prob=args.class_dropout_prob)
+    kwargs = dict(input_size=latents.shape[-1], in_channels=latents.shape[-3], num_classes=meta["num_classes"],
+                  qk_norm=args.qk_norm, class_dropout_prob=args.class_dropout_prob,
+                  learn_sigma=args.learn_sigma if args.learn_sigma is not None else objective_of(args.model) == "ddpm")
     if vis is not None:
         kwargs.update(z_dims=[vis.shape[-1]], encoder_depth=args.encoder_depth)
     if text is not None:
@@ -207,124 +193,152 @@ def main(args):
         model.y_embedder.text_mask.copy_(text["mask"].bool())
     ema = deepcopy(model).requires_grad_(False)
     if ckpt is not None:
+        for k in RUN_DEFINING:
+            if ckpt["args"].get(k) != vars(args).get(k):
+                die(f"{args.results_dir} holds a run with --{k.replace('_', '-')} {ckpt['args'].get(k)}, not "
+                    f"{vars(args).get(k)}: use the same flags to resume, or another --results-dir")
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
-    model.to(device)
+    return model, ema, kwargs
+
+
+def stop_requests(world):
+    """Ctrl-C / SIGTERM ask for a stop after the current step (a second one stops at once). Returns
+    requested() -> the signal number or 0, the same on every rank: a CPU all-reduce over gloo, so
+    the training step never waits for it on the GPU."""
+    got = [0]
+
+    def handler(signum, frame):
+        if got[0]:
+            raise KeyboardInterrupt
+        got[0] = signum
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, handler)
+    group = dist.new_group(backend="gloo") if world > 1 else None
+
+    def requested():
+        if group is None:
+            return got[0]
+        flag = torch.tensor([got[0]])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        return int(flag)
+    return requested
+
+
+def tensorboard(results_dir):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        die("--tensorboard needs the tensorboard package: pip install tensorboard, or leave the flag out")
+    return SummaryWriter(os.path.join(results_dir, "tb"))
+
+
+def main(args):
+    rank, world, device = setup_distributed()
+    requested = stop_requests(world)
+    cuda = device.type == "cuda"
+    args.encoder_depth = args.encoder_depth or default_encoder_depth(args.model)
+    latents, labels, meta, vis, text = check_inputs(args, world)
+    set_activation_memory_budget(args.activation_memory_budget)
+    resume, ckpt = newest_checkpoint(args.results_dir, warn=print if rank == 0 else lambda _: None)
+    model, ema, kwargs = build(args, latents, meta, vis, text, ckpt)
+    model.to(device).train()
     ema.to(device).eval()
-    # Built after the move: load_state_dict puts the moments on the parameters' device.
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
-                            betas=(0.9, 0.999), weight_decay=args.weight_decay, fused=cuda)
-    step = 0
+    # built after the move: load_state_dict then puts the moments on the parameters' device
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.999),
+                            weight_decay=args.weight_decay, fused=True)
+    step = 0 if ckpt is None else ckpt["step"]
     if ckpt is not None:
         opt.load_state_dict(ckpt["opt"])
-        step = ckpt["step"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
-    ddp = DDP(model, device_ids=[device.index] if cuda else None) if world > 1 else model
-    compile_on = cuda if args.compile is None else args.compile
-    net = torch.compile(ddp) if compile_on else ddp
-    ema_params = list(ema.parameters())
-
-    if rank == 0:
-        os.makedirs(os.path.join(args.results_dir, "checkpoints"), exist_ok=True)
+    net = DDP(model, device_ids=[device.index] if cuda else None) if world > 1 else model
+    net = torch.compile(net) if compile_on(args, device) else net
+    train_step = make_step(model, ema, opt, objective_of(args.model), net=net, bf16=cuda and args.precision == "bf16",
+                           proj_coeff=args.proj_coeff, max_grad_norm=args.max_grad_norm, ema_decay=args.ema_decay)
     logger = create_logger(args.results_dir, rank)
-    logger.info(f"{args.model} ({objective}) on {args.data_path}: {len(labels)} images, latents {tuple(latents.shape[1:])}, "
-                f"{sum(p.numel() for p in model.parameters()):,} parameters, vis={'yes' if vis is not None else 'no'}, "
-                f"text={'yes' if text is not None else 'no'}, {world} ranks, compile={compile_on}")
-    if resume:
-        logger.info(f"resumed from {resume} at step {step}")
-    if step >= args.max_steps:
-        logger.info(f"already at step {step} >= --max-steps {args.max_steps}; nothing to do")
-        cleanup_distributed()
-        return
+    logger.info(f"{args.model} on {args.data_path}: {len(labels)} images, latents {tuple(latents.shape[1:])}, "
+                f"{sum(p.numel() for p in model.parameters()):,} parameters, vis={vis is not None}, "
+                f"text={text is not None}, {world} ranks, compile={compile_on(args, device)}"
+                + (f"; resumed from {resume} at step {step}" if resume else ""))
 
     data = StepBatches(args.data_path, vis is not None, labels, args.global_batch_size, rank, world, args.global_seed)
-    loader = torch.utils.data.DataLoader(data, batch_size=None, sampler=range(step, args.max_steps),
-                                         num_workers=args.num_workers, pin_memory=cuda,
-                                         persistent_workers=args.num_workers > 0)
-    schedule = DDPMSchedule(linear_betas(1000))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and args.precision == "bf16")
-    lo, hi = data.lo, data.hi
-    shape = (args.global_batch_size, C, H, H)
-    run_loss = torch.zeros(2, device=device)
-    log_steps, t0 = 0, time.time()
-    writer = None
-    if args.tensorboard and rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(os.path.join(args.results_dir, "tb"))
-
-    model.train()
-    for batch in tqdm(loader, initial=step, total=args.max_steps, disable=rank != 0, dynamic_ncols=True):
-        x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-        noise, t, drop = step_noise(args, objective, step, shape, device, lo, hi)
-        vis_batch = batch[2].to(device, non_blocking=True) if vis is not None else None
-        losses = train_step(net, model, opt, ema_params, x, y, vis_batch, noise, t, drop, objective, schedule, autocast, args)
-        run_loss += torch.stack(losses)
-        step += 1
-        log_steps += 1
-
-        if step % args.log_every == 0 or step % args.ckpt_every == 0 or step == args.max_steps:
+    loader = torch.utils.data.DataLoader(data, batch_size=None, sampler=range(step, args.max_steps), pin_memory=cuda,
+                                         num_workers=args.num_workers, persistent_workers=args.num_workers > 0,
+                                         worker_init_fn=quiet_worker)
+    shape = (args.global_batch_size, latents.shape[-3], latents.shape[-1], latents.shape[-1])
+    noise_args = dict(global_seed=args.global_seed, time_weighting=args.time_weighting,
+                      class_dropout_prob=args.class_dropout_prob)
+    run_loss, log_steps, t0, stopped = torch.zeros(2, device=device), 0, time.time(), 0
+    writer = tensorboard(args.results_dir) if args.tensorboard and rank == 0 else None
+    for batch in progress(loader, rank=rank, initial=step, total=args.max_steps):
+        x, y, *v = (b.to(device, non_blocking=True) for b in batch)
+        noise, t, drop = step_noise(objective_of(args.model), step, shape, device, data.lo, data.hi, **noise_args)
+        run_loss += torch.stack(train_step(x, y, v[0] if v else None, noise, t, drop))
+        step, log_steps = step + 1, log_steps + 1
+        stopped = requested()
+        if step % args.log_every == 0 or step % args.ckpt_every == 0 or step == args.max_steps or stopped:
             if world > 1:
                 dist.all_reduce(run_loss)
             avg = (run_loss / (log_steps * world)).tolist()
             if not all(np.isfinite(avg)):
-                last = latest_checkpoint(args.results_dir)
                 die(f"loss became {avg[0]} (non-finite) before step {step}; the last good checkpoint is "
-                    f"{last or 'none'}: lower --lr or check the data")
-            if step % args.log_every == 0 or step == args.max_steps:
-                dt = time.time() - t0
-                logger.info(f"step {step:07d} loss {avg[0]:.4f} proj {avg[1]:.4f} "
-                            f"steps/s {log_steps / dt:.2f} img/s {log_steps * args.global_batch_size / dt:.1f}")
-                if writer:
-                    writer.add_scalar("loss", avg[0], step)
-                    writer.add_scalar("proj_loss", avg[1], step)
+                    f"{resume or 'none'}: lower --lr or check the data")
+            logger.info(f"step {step:07d} loss {avg[0]:.4f} proj {avg[1]:.4f} steps/s {log_steps / (time.time() - t0):.2f} "
+                        f"img/s {log_steps * args.global_batch_size / (time.time() - t0):.1f}")
+            if writer:
+                writer.add_scalar("loss", avg[0], step)
+                writer.add_scalar("proj_loss", avg[1], step)
             run_loss.zero_()
             log_steps, t0 = 0, time.time()
-        if (step % args.ckpt_every == 0 or step == args.max_steps) and rank == 0:
-            path = os.path.join(args.results_dir, "checkpoints", f"{step:07d}.pt")
-            atomic_save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                         "args": vars(args), "step": step, "data_pos": step * args.global_batch_size,
-                         "rng": {"torch": torch.get_rng_state()},
-                         "config": {"model": args.model, "kwargs": kwargs}, "meta": meta}, path)
-            logger.info(f"saved {path}")
-        if step >= args.max_steps:
+        if step % args.ckpt_every == 0 or step == args.max_steps or stopped:
+            resume = os.path.join(args.results_dir, "checkpoints", f"{step:07d}.pt")
+            if rank == 0:
+                os.makedirs(os.path.dirname(resume), exist_ok=True)
+                atomic_save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                             "args": vars(args), "step": step, "config": {"model": args.model, "kwargs": kwargs},
+                             "meta": meta}, resume)
+                logger.info(f"saved {resume}")
+        if stopped or step >= args.max_steps:
             break
-    logger.info("done")
     cleanup_distributed()
+    if stopped and step < args.max_steps:
+        die(f"interrupted at step {step}: saved {resume}; rerun the same command to resume", code=128 + stopped)
+    logger.info(f"done: step {step} of --max-steps {args.max_steps}")
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+def get_parser():
+    p = parser(__doc__)
     p.add_argument("--data-path", required=True, help="dataset directory (encode.py / attach.py output)")
     p.add_argument("--results-dir", required=True, help="this run's directory; rerunning resumes from it")
     p.add_argument("--model", default="SiT-XL/2", help="DiT-* (DDPM) or SiT-* (interpolant), e.g. DiT-L/2")
-    p.add_argument("--global-batch-size", type=int, default=128)
-    p.add_argument("--global-seed", type=int, default=0)
-    p.add_argument("--max-steps", type=int, default=100_000)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
-    p.add_argument("--ema-decay", type=float, default=0.9999)
-    p.add_argument("--class-dropout-prob", type=float, default=0.1)
+    p.add_argument("--global-batch-size", type=int, default=128, help="images per step over all ranks")
+    p.add_argument("--global-seed", type=int, default=0, help="seeds the initial weights, data order and noises")
+    p.add_argument("--max-steps", type=int, default=100_000, help="train until this step (a rerun extends a run)")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate, constant")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm (0 disables clipping)")
+    p.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay per step")
+    p.add_argument("--class-dropout-prob", type=float, default=0.1, help="label dropout for classifier-free guidance")
     p.add_argument("--learn-sigma", action=argparse.BooleanOptionalAction, default=None,
                    help="learned variance (default: on for DiT, off for SiT)")
-    p.add_argument("--qk-norm", action="store_true")
+    p.add_argument("--qk-norm", action="store_true", help="LayerNorm on queries and keys")
     p.add_argument("--time-weighting", choices=["uniform", "lognormal"], default="uniform", help="SiT time sampling")
     p.add_argument("--proj-coeff", type=float, default=0.5, help="weight of the alignment loss (with vis.npy)")
-    p.add_argument("--encoder-depth", type=int, default=None, help="block after which tokens are aligned (default 8 for L/XL, 4 for S/B)")
+    p.add_argument("--encoder-depth", type=int, default=None,
+                   help="block after which tokens are aligned (default 8 for L/XL, 4 for T/S/B)")
     p.add_argument("--vis", dest="use_vis", action=argparse.BooleanOptionalAction, default=True,
                    help="align to DIR/vis.npy when present (--no-vis ignores it)")
     p.add_argument("--text-cond", action="store_true", help="DC-Embedding from DIR/text.pt")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: on CUDA)")
+    add_compile_flag(p)
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="autocast on CUDA; CPU is always fp32")
     p.add_argument("--activation-memory-budget", type=float, default=1.0,
                    help="with --compile, a fraction in (0, 1] of the activations to keep for backward; lower "
                         "recomputes more to fit a larger batch (bench.py --only memory measures the need)")
-    p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--log-every", type=int, default=100)
-    p.add_argument("--ckpt-every", type=int, default=10_000)
-    p.add_argument("--tensorboard", action="store_true", help="also log to RESULTS/tb")
-    return p.parse_args(argv)
+    p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per rank")
+    p.add_argument("--log-every", type=int, default=100, help="steps between log lines")
+    p.add_argument("--ckpt-every", type=int, default=10_000, help="steps between checkpoints")
+    p.add_argument("--tensorboard", action="store_true", help="also log the losses to RESULTS/tb")
+    return p
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run(main, get_parser().parse_args())
