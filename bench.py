@@ -10,7 +10,7 @@ Reads  nothing: random weights and random latents of shape (4, S/8, S/8) for --i
        (--loader-images rows) and deletes it.
 Writes a Markdown table on stdout; --json FILE writes the same rows as JSON.
 
-FLOPs come from the architecture: models.forward_macs (multiply-accumulates per image per
+FLOPs come from the architecture: forward_macs (multiply-accumulates per image per
 forward, as the DiT paper counts Gflops) x 2 per forward; a training step counts 3 forwards'
 worth (forward + backward) = 6 x MACs per image. MFU = achieved TFLOP/s over the dense peak of
 the GPU (PEAK_TFLOPS, matched on the device name; --peak-tflops overrides; on CPU only with
@@ -50,7 +50,7 @@ import torch.nn.functional as F
 
 from common import atomic_save, die, fast_cuda_defaults
 from diffusion import SAMPLERS, DDPMSchedule, guided_model, linear_betas, objective_of, sample_time
-from models import SIZES, DiT_models, forward_macs
+from models import SIZES, DiT_models
 from score import score_batch
 from train import StepBatches, default_encoder_depth, set_activation_memory_budget, step_noise, train_step
 
@@ -87,6 +87,27 @@ def rates(images, seconds, flops_per_image, peak=None):
     ips = images / seconds
     tflops = flops_per_image * ips / 1e12 if flops_per_image else None
     return ips, tflops, (tflops / peak if peak and tflops is not None else None)
+
+
+def forward_macs(model, input_size):
+    """
+    Multiply-accumulates of one forward pass for one image, counted from the architecture
+    (matmuls and convolutions; norms, activations and softmax are not counted, as in the DiT
+    paper's Gflops). Attention: QK^T and AV, 2 T^2 D.
+    """
+    p, D = model.patch_size, model.pos_embed.shape[-1]
+    T = (input_size // p) ** 2
+    depth = len(model.blocks)
+    hidden_mlp = model.blocks[0].mlp.fc1.out_features
+    macs = T * model.in_channels * p * p * D                        # patch embedding
+    macs += 256 * D + D * D                                          # timestep MLP
+    per_block = T * D * 3 * D + 2 * T * T * D + T * D * D            # qkv, attention, out proj
+    per_block += 2 * T * D * hidden_mlp + D * 6 * D                  # MLP, adaLN
+    macs += depth * per_block
+    macs += D * 2 * D + T * D * p * p * model.out_channels          # final layer
+    for proj in model.projectors:
+        macs += T * sum(m.in_features * m.out_features for m in proj if isinstance(m, torch.nn.Linear))
+    return macs
 
 
 def build_model(args, device, proj=False):
@@ -402,7 +423,7 @@ def table(b):
     mem = "torch.cuda.max_memory_allocated per row" if b.cuda else "process max RSS so far (getrusage), not per row"
     lines = [f"{a.model} at {a.image_size}px (latents 4x{b.latent}x{b.latent}), batch {a.batch_size} per device, "
              f"{prec}, on {b.name}",
-             f"FLOPs: forward = 2 x models.forward_macs per image, training step = 3 x forward = 6 x MACs; "
+             f"FLOPs: forward = 2 x forward_macs per image, training step = 3 x forward = 6 x MACs; "
              f"{peak}; memory: {mem}",
              "",
              "| part | mode | what | images/s | ms/iter | TFLOP/s | MFU | peak mem GiB | syncs |",

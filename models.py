@@ -6,6 +6,16 @@ One network serves both families: DiT (DDPM, epsilon prediction, learned varianc
 names follow facebookresearch/DiT, willisma/SiT and sihyun-yu/REPA, so their public
 checkpoints load with strict=True and ours load in their scripts.
 
+Drop-in: this file can replace DiT's models.py, SiT's models.py or REPA's models/sit.py, and
+their scripts run unchanged. The registry and the keywords pick what forward returns:
+  - DiT_models (facebookresearch/DiT, and all of our stages, DiT-* and SiT-* names): the full
+    output, 2C channels with learn_sigma; (output, zs) when z_dims is given.
+  - SiT_models without REPA's keywords (willisma/SiT): the velocity only, the first C channels.
+  - SiT_models with any of z_dims, encoder_depth, projector_dim, use_cfg, fused_attn, qk_norm
+    (REPA's scripts always pass them): REPA's SiT, no learned sigma, z_dims=[768] by default,
+    forward returns (output, zs) and accepts return_logvar (ignored, as in REPA).
+forward_with_cfg is DiT/SiT's: guidance on the first 3 channels of forward's output.
+
 Optional parts:
   - projectors (REPA): MLPs on the hidden tokens after block `encoder_depth`, aligned to
     pretrained visual features; forward then returns (prediction, [features per projector]).
@@ -266,6 +276,42 @@ class DiT(nn.Module):
         x = self.unpatchify(self.final_layer(x, c))
         return (x, zs) if self.projectors else x
 
+    def forward_with_cfg(self, x, t, y, cfg_scale):
+        """
+        DiT/SiT's guided forward: x (2N, C, H, W) whose second half is ignored, y (2N,) with the
+        null class in the second half -> (2N, C_out, H, W), both halves the guided output.
+        """
+        half = x[: len(x) // 2]
+        out = self.forward(torch.cat([half, half], dim=0), t, y)
+        # Guidance on 3 channels only, the rest passed through: what DiT/SiT do, for exact
+        # reproducibility of their published samples.
+        eps, rest = out[:, :3], out[:, 3:]
+        cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
+        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+        return torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)
+
+
+class SiT(DiT):
+    """willisma/SiT: forward returns the velocity alone, (N, C, H, W), also when learn_sigma."""
+
+    def forward(self, x, t, y, force_drop_ids=None):
+        return super().forward(x, t, y, force_drop_ids)[:, :self.in_channels]
+
+
+class REPASiT(DiT):
+    """
+    REPA's SiT: forward(x, t, y) -> ((N, C, H, W), [(N, T, z_dim) per projector]), always a pair.
+    use_cfg and fused_attn are accepted for REPA's scripts: the null-class row follows
+    class_dropout_prob (as in REPA) and attention is always SDPA.
+    """
+
+    def __init__(self, learn_sigma=False, z_dims=(768,), use_cfg=False, fused_attn=True, **kwargs):
+        super().__init__(learn_sigma=learn_sigma, z_dims=z_dims, **kwargs)
+
+    def forward(self, x, t, y, return_logvar=False, force_drop_ids=None):
+        out = super().forward(x, t, y, force_drop_ids)
+        return out if self.projectors else (out, [])
+
 
 #################################################################################
 #                   Sine/Cosine Positional Embedding Functions                  #
@@ -286,31 +332,6 @@ def get_1d_sincos_pos_embed(embed_dim, pos):
 
 
 #################################################################################
-#                                 FLOP count                                     #
-#################################################################################
-
-def forward_macs(model, input_size):
-    """
-    Multiply-accumulates of one forward pass for one image, counted from the architecture
-    (matmuls and convolutions; norms, activations and softmax are not counted, as in the DiT
-    paper's Gflops). Attention: QK^T and AV, 2 T^2 D.
-    """
-    p, D = model.patch_size, model.pos_embed.shape[-1]
-    T = (input_size // p) ** 2
-    depth = len(model.blocks)
-    hidden_mlp = model.blocks[0].mlp.fc1.out_features
-    macs = T * model.in_channels * p * p * D                        # patch embedding
-    macs += 256 * D + D * D                                          # timestep MLP
-    per_block = T * D * 3 * D + 2 * T * T * D + T * D * D            # qkv, attention, out proj
-    per_block += 2 * T * D * hidden_mlp + D * 6 * D                  # MLP, adaLN
-    macs += depth * per_block
-    macs += D * 2 * D + T * D * p * p * model.out_channels          # final layer
-    for proj in model.projectors:
-        macs += T * sum(m.in_features * m.out_features for m in proj if isinstance(m, nn.Linear))
-    return macs
-
-
-#################################################################################
 #                                   Configs                                      #
 #################################################################################
 
@@ -323,12 +344,25 @@ SIZES = {"T": _sizes(6, 192, 3), "S": _sizes(12, 384, 6), "B": _sizes(12, 768, 1
          "L": _sizes(24, 1024, 16), "XL": _sizes(28, 1152, 16)}
 
 
-def _make(size, patch):
+def _make(cls, size, patch):
     def build(**kwargs):
-        return DiT(patch_size=patch, **SIZES[size], **kwargs)
-    build.__name__ = f"DiT_{size}_{patch}"
+        return cls(patch_size=patch, **SIZES[size], **kwargs)
+    build.__name__ = f"{cls.__name__}_{size}_{patch}"
+    return build
+
+
+# REPA's scripts always pass some of these, willisma/SiT's none.
+REPA_KWARGS = {"z_dims", "encoder_depth", "projector_dim", "use_cfg", "fused_attn", "qk_norm"}
+
+
+def _make_sit(size, patch):
+    def build(**kwargs):
+        return _make(REPASiT if REPA_KWARGS & kwargs.keys() else SiT, size, patch)(**kwargs)
+    build.__name__ = f"SiT_{size}_{patch}"
     return build
 
 
 # DiT-* and SiT-* are the same networks; the name picks the objective (diffusion.py).
-DiT_models = {f"{fam}-{size}/{p}": _make(size, p) for fam in ("DiT", "SiT") for size in SIZES for p in (2, 4, 8)}
+DiT_models = {f"{fam}-{size}/{p}": _make(DiT, size, p) for fam in ("DiT", "SiT") for size in SIZES for p in (2, 4, 8)}
+# For willisma/SiT's and REPA's scripts only (see the module docstring).
+SiT_models = {f"SiT-{size}/{p}": _make_sit(size, p) for size in SIZES for p in (2, 4, 8)}

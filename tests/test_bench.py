@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import bench
-from models import DiT_models, forward_macs
+from bench import forward_macs
+from models import DiT_models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
