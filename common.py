@@ -171,10 +171,10 @@ class _Lines:
         self.f.flush()
 
 
-def progress(iterable=None, rank=0, **kw):
+def progress(iterable=None, rank=0, disable=False, **kw):
     """A tqdm bar on rank 0; into a file or pipe (a job's log) one line every 5 s instead of redraws."""
     tty = sys.stderr.isatty()
-    bar = tqdm(iterable, disable=rank != 0, dynamic_ncols=tty, mininterval=0.1 if tty else 5,
+    bar = tqdm(iterable, disable=disable or rank != 0, dynamic_ncols=tty, mininterval=0.1 if tty else 5,
                file=sys.stderr if tty else _Lines(sys.stderr), **kw)
     _BARS.add(bar)
     return bar

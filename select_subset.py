@@ -15,7 +15,9 @@ Methods, each applied per class with the same number of images per class (ipc):
             sorted positions 0, k, 2k, ..., (ipc-1)k: easy-to-medium images, spread out, never the
             hardest tail. If the class is too small for k, it uses the largest k' <= k with
             (ipc-1)k' < n, which still gives ipc images (the paper does not say what it does;
-            OUT.json lists every class where k' != k).
+            OUT.json lists every class where k' != k). --k auto picks k per class: the largest k
+            with (ipc-1)k < span * n, spreading the picks over the easiest --span of the class
+            (the paper's ImageNet settings span 0.61-0.77 of a 1,281-image class; OUT.json lists k).
   random    ipc images uniformly without replacement; class c draws from the generator seeded
             by (--global-seed, c) alone, so nothing else (scores, other classes) changes it.
   min       the ipc easiest: sorted positions 0 .. ipc-1.
@@ -35,13 +37,11 @@ A class with fewer than ipc images is an error unless --allow-short, which takes
 --budget replaces --ipc: a fraction 0 < b < 1 of the N images, or a count >= 1 of images;
 ipc = floor(images) // num_classes.
 """
-import argparse
 import os
 
 import numpy as np
-from tqdm import tqdm
 
-from common import atomic_save, die, load_dataset, unflipped
+from common import atomic_save, atomic_write, check_output, die, load_array, load_dataset, parser, progress, run, unflipped
 
 METHODS = ("interval", "random", "min", "max", "medium", "kcenter", "herding")
 QUANTILES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
@@ -53,6 +53,12 @@ CHUNK_BYTES = 1 << 20  # float64 working memory per distance chunk: cache-sized 
 def interval_step(n, ipc, k):
     """The largest k' <= k with (ipc - 1) * k' < n: the interval that still gives ipc images."""
     return k if ipc <= 1 else min(k, (n - 1) // (ipc - 1))
+
+
+def auto_step(n, ipc, span):
+    """--k auto: the largest k with (ipc - 1) * k < span * n (at least 1), so the ipc picks spread
+    over the easiest fraction `span` of the class."""
+    return 1 if ipc <= 1 else max(1, (int(np.ceil(span * n)) - 1) // (ipc - 1))
 
 
 def medium_positions(n, ipc):
@@ -134,10 +140,12 @@ def class_features(features, idx):
 
 # ----------------------------------------------------------------------------- selection
 
-def select(labels, num_classes, method, ipc, scores=None, k=None, features=None, seed=0, allow_short=False):
+def select(labels, num_classes, method, ipc, scores=None, k=None, features=None, seed=0, allow_short=False,
+           span=None):
     """
-    Row indices (int64, sorted) of the per-class selection, and a dict with "k_used"
-    {class: k'} where the interval had to shrink and "short_classes" {class: n} taken whole.
+    Row indices (int64, sorted) of the per-class selection, and a dict with "k_used" {class: k'}
+    where the interval had to shrink (or, with k="auto", the k of every class, from `span`) and
+    "short_classes" {class: n} taken whole.
     """
     counts = np.bincount(labels, minlength=num_classes)
     short = {c: int(n) for c, n in enumerate(counts) if n < ipc}
@@ -149,7 +157,7 @@ def select(labels, num_classes, method, ipc, scores=None, k=None, features=None,
     starts = np.concatenate([[0], np.cumsum(counts)])
     chosen, k_used = [], {}
     slow = method in ("kcenter", "herding")
-    for c in tqdm(range(num_classes), desc=method, disable=not slow, leave=False):
+    for c in progress(range(num_classes), desc=method, disable=not slow, leave=False):
         idx = order[starts[c]:starts[c + 1]]
         n = len(idx)
         if n < ipc:
@@ -162,7 +170,7 @@ def select(labels, num_classes, method, ipc, scores=None, k=None, features=None,
         else:
             by_score = np.argsort(scores[idx], kind="stable")
             if method == "interval":
-                step = interval_step(n, ipc, k)
+                step = auto_step(n, ipc, span) if k == "auto" else interval_step(n, ipc, k)
                 if step != k:
                     k_used[c] = step
                 pos = by_score[np.arange(ipc) * step]
@@ -216,130 +224,111 @@ def plot(path, scores, labels, chosen, num_classes, class_names):
         ax.legend(fontsize=7, loc="upper right")
     axes[-1, 0].set_xlabel("difficulty score (higher = harder)")
     fig.tight_layout()
-    tmp = f"{path}.tmp.{os.getpid()}"
     try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # ----------------------------------------------------------------------------- main
 
 def load_scores(data_path, n):
-    path = os.path.join(data_path, "scores.npy")
-    if not os.path.exists(path):
-        die(f"{data_path} has no scores.npy: run score.py --data-path {data_path} first")
-    scores = np.load(path)
-    if scores.shape != (n,):
-        die(f"{path} has shape {scores.shape} but labels.npy has {n} rows; re-run score.py on this directory")
+    scores = load_array(os.path.join(data_path, "scores.npy"), f"run score.py --data-path {data_path} first",
+                        mmap=False)
+    if scores.shape != (n,) or scores.dtype.kind != "f":
+        die(f"{data_path}/scores.npy is {scores.dtype} {scores.shape} but labels.npy has {n} rows; re-run score.py on "
+            "this directory")
     bad = np.flatnonzero(~np.isfinite(scores))
     if len(bad):
-        die(f"{path} has {len(bad)} NaN/inf scores (first at row {bad[0]}); re-run score.py for those rows")
+        die(f"{data_path}/scores.npy has {len(bad)} NaN/inf scores (first at row {bad[0]}); re-run score.py for "
+            "those rows")
     return scores.astype(np.float32)
 
 
 def load_features(path, n):
-    if not os.path.exists(path):
-        die(f"--features {path} does not exist: give an (N, D) .npy file with one row per image")
-    try:
-        feats = np.load(path, mmap_mode="r")
-    except (ValueError, OSError) as e:
-        die(f"--features {path} is not a readable .npy array ({e}); give an (N, D) .npy file")
+    feats = load_array(path, "give an (N, D) .npy file with one row per image")
     if feats.ndim != 2 or feats.shape[0] != n:
         die(f"--features {path} has shape {feats.shape}; expected (N, D) with N = {n} (the rows of labels.npy)")
     return feats
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-path", type=str, required=True)
-    parser.add_argument("--method", type=str, default="interval", help="|".join(METHODS))
-    size = parser.add_mutually_exclusive_group(required=True)
-    size.add_argument("--ipc", type=int, help="images per class")
-    size.add_argument("--budget", type=float, help="fraction (0<b<1) or count (>=1) of images")
-    parser.add_argument("--k", type=int, default=None, help="interval between sorted positions (interval)")
-    parser.add_argument("--features", type=str, default=None, help="(N, D) .npy for kcenter/herding")
-    parser.add_argument("--global-seed", type=int, default=0)
-    parser.add_argument("--allow-short", action="store_true", help="take all of a class smaller than ipc")
-    parser.add_argument("--out", type=str, required=True, help="indices .npy (a .json summary goes beside it)")
-    parser.add_argument("--plot", type=str, default=None, help="PNG of the score distributions")
-    args = parser.parse_args(argv)
-
+def check_args(args):
     if args.method not in METHODS:
         die(f"--method {args.method} is unknown; choose one of {', '.join(METHODS)}")
     if not args.out.endswith(".npy"):
         die(f"--out {args.out} must end in .npy (the summary is written beside it as .json)")
     if args.global_seed < 0:
         die(f"--global-seed {args.global_seed} must be >= 0")
-    if args.method == "interval" and (args.k is None or args.k < 1):
-        die("--method interval needs --k >= 1 (the paper: --ipc 10 --k 96, --ipc 50 --k 16, --ipc 100 --k 10)")
+    if args.method == "interval" and not (args.k == "auto" or (args.k or "").isdigit() and int(args.k) >= 1):
+        die("--method interval needs --k >= 1 or --k auto (the paper: --ipc 10 --k 96, --ipc 50 --k 16, "
+            "--ipc 100 --k 10)")
+    if not 0 < args.span <= 1:
+        die(f"--span {args.span}: use a fraction in (0, 1]")
     if args.features and args.method not in ("kcenter", "herding"):
         die(f"--features is used by kcenter and herding only, not --method {args.method}")
+    if args.ipc is not None and args.ipc < 1:
+        die(f"--ipc {args.ipc} must be >= 1")
+    args.k = int(args.k) if args.method == "interval" and args.k != "auto" else args.k
 
+
+def summary(args, chosen, info, labels, scores, num_classes, ipc, budget, features):
+    q = lambda v: np.quantile(v, QUANTILES).tolist() if len(v) else None  # noqa: E731
+    return {
+        "method": args.method, "num_selected": int(len(chosen)), "num_images": len(labels),
+        "num_classes": num_classes, "ipc": ipc, "budget": budget,
+        "k": args.k if args.method == "interval" else None,
+        "span": args.span if args.k == "auto" else None,
+        "k_used": {str(c): k for c, k in info["k_used"].items()},
+        "k_policy": ("--k auto: per class the largest k with (ipc-1)*k < span*n" if args.k == "auto" else
+                     "a class too small for k uses the largest k' <= k with (ipc-1)*k' < n"),
+        "short_classes": {str(c): m for c, m in info["short_classes"].items()},
+        "per_class_counts": np.bincount(labels[chosen], minlength=num_classes).tolist(),
+        "features": (args.features or "latents.npy (unflipped, flattened)") if features is not None else None,
+        "first_centre": "closest to the class mean" if args.method == "kcenter" else None,
+        "score_quantiles": None if scores is None else {"q": list(QUANTILES), "selected": q(scores[chosen]),
+                                                        "all": q(scores)},
+        "args": vars(args),
+    }
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    check_args(args)
+    inputs = [args.data_path] + ([args.features] if args.features else [])
+    for path in (args.out, args.out[:-len(".npy")] + ".json") + ((args.plot,) if args.plot else ()):
+        check_output(path, inputs)
     latents, labels, meta = load_dataset(args.data_path)
-    n = len(labels)
-    num_classes = int(meta.get("num_classes", labels.max() + 1 if n else 0))
-    if n and (labels.min() < 0 or labels.max() >= num_classes):
-        die(f"{args.data_path}/labels.npy has labels outside 0..{num_classes - 1} (meta.json num_classes); re-run encode.py")
+    n, num_classes = len(labels), meta["num_classes"]
     needs_scores = args.method in ("interval", "min", "max", "medium") or args.plot
     scores_path = os.path.join(args.data_path, "scores.npy")
     scores = load_scores(args.data_path, n) if needs_scores or os.path.exists(scores_path) else None
-
+    budget = None
     if args.budget is not None:
         ipc, images = ipc_from_budget(args.budget, n, num_classes)
         budget = {"budget": args.budget, "images": images,
                   "rule": "ipc = images // num_classes (images = floor(b * N) for a fraction b)"}
     else:
-        ipc, budget = args.ipc, None
-        if ipc < 1:
-            die(f"--ipc {ipc} must be >= 1")
-
+        ipc = args.ipc
     features = None
     if args.method in ("kcenter", "herding"):
         features = load_features(args.features, n) if args.features else unflipped(latents)
 
     chosen, info = select(labels, num_classes, args.method, ipc, scores=scores, k=args.k, features=features,
-                          seed=args.global_seed, allow_short=args.allow_short)
-
-    per_class = np.bincount(labels[chosen], minlength=num_classes)
-    summary = {
-        "method": args.method,
-        "num_selected": int(len(chosen)),
-        "num_images": n,
-        "num_classes": num_classes,
-        "ipc": ipc,
-        "budget": budget,
-        "k": args.k if args.method == "interval" else None,
-        "k_used": {str(c): k for c, k in info["k_used"].items()},
-        "k_policy": "a class too small for k uses the largest k' <= k with (ipc-1)*k' < n",
-        "short_classes": {str(c): m for c, m in info["short_classes"].items()},
-        "per_class_counts": per_class.tolist(),
-        "features": (args.features or "latents.npy (unflipped, flattened)") if features is not None else None,
-        "first_centre": "closest to the class mean" if args.method == "kcenter" else None,
-        "score_quantiles": None if scores is None else {
-            "q": list(QUANTILES),
-            "selected": np.quantile(scores[chosen], QUANTILES).tolist() if len(chosen) else None,
-            "all": np.quantile(scores, QUANTILES).tolist() if n else None,
-        },
-        "args": vars(args),
-    }
+                          seed=args.global_seed, allow_short=args.allow_short, span=args.span)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    atomic_save(summary, args.out[:-len(".npy")] + ".json")
+    atomic_save(summary(args, chosen, info, labels, scores, num_classes, ipc, budget, features),
+                args.out[:-len(".npy")] + ".json")
     atomic_save(chosen, args.out)  # last: its presence means the summary exists too
 
     line = f"{args.method}: {len(chosen)} of {n} images ({ipc} per class, {num_classes} classes"
     if info["k_used"]:
-        line += f"; k lowered in {len(info['k_used'])} classes"
+        line += f"; k {'chosen per class' if args.k == 'auto' else 'lowered in'} {len(info['k_used'])} classes"
     if info["short_classes"]:
         line += f"; {len(info['short_classes'])} classes short"
     line += ")"
     if scores is not None and len(chosen):
         line += f", median score {np.median(scores[chosen]):.4g} (all {np.median(scores):.4g})"
     print(f"{line} -> {args.out}")
-
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -350,5 +339,24 @@ def main(argv=None):
         plot(args.plot, scores, labels, chosen, num_classes, meta.get("class_names", []))
 
 
+def get_parser():
+    p = parser(__doc__)
+    p.add_argument("--data-path", type=str, required=True, help="dataset directory (encode.py), with scores.npy")
+    p.add_argument("--method", type=str, default="interval", help="|".join(METHODS))
+    size = p.add_mutually_exclusive_group(required=True)
+    size.add_argument("--ipc", type=int, help="images per class")
+    size.add_argument("--budget", type=float, help="fraction (0<b<1) or count (>=1) of images")
+    p.add_argument("--k", type=str, default=None,
+                   help="interval between sorted positions (interval), or auto: per class from --span")
+    p.add_argument("--span", type=float, default=0.7,
+                   help="with --k auto: the easiest fraction of each class the picks spread over")
+    p.add_argument("--features", type=str, default=None, help="(N, D) .npy for kcenter/herding (default: latents)")
+    p.add_argument("--global-seed", type=int, default=0, help="seeds the random method, per class")
+    p.add_argument("--allow-short", action="store_true", help="take all of a class smaller than ipc")
+    p.add_argument("--out", type=str, required=True, help="indices .npy (a .json summary goes beside it)")
+    p.add_argument("--plot", type=str, default=None, help="PNG of the score distributions")
+    return p
+
+
 if __name__ == "__main__":
-    main()
+    run(main, None)

@@ -331,3 +331,27 @@ def test_cli_bad_inputs_fail_clearly_and_write_nothing(tmp_path):
         assert cases[name][2] in err, (name, err)
     for name, (d, _, _) in cases.items():
         assert os.listdir(out(d)) == [], name
+
+
+def test_k_auto_spreads_the_picks_over_the_easiest_span_of_each_class():
+    # the largest k with (ipc - 1) k < span n, by brute force, and the paper's ImageNet settings
+    for n in (7, 12, 180, 1281):
+        for ipc in (2, 3, 10):
+            for span in (0.3, 0.61, 1.0):
+                if ipc <= n:
+                    want = max([k for k in range(1, n + 1) if (ipc - 1) * k < span * n] or [1])
+                    assert ss.auto_step(n, ipc, span) == want, (n, ipc, span)
+    assert [ss.auto_step(1281, ipc, span) for ipc, span in ((10, 0.675), (50, 0.613), (100, 0.774))] == [96, 16, 10]
+    # classes of 12 and 7 at span 0.5: k = 2 (positions 0, 2, 4 < 6) and k = 1 (0, 1, 2 < 3.5)
+    idx, info = pick("interval", 3, UNEVEN_LABELS, UNEVEN_SCORES, k="auto", span=0.5)
+    assert idx.tolist() == [7, 9, 11, 13, 15, 17] and info["k_used"] == {0: 2, 1: 1}
+
+
+def test_cli_k_auto_records_the_k_of_every_class(tmp_path):
+    make_dataset(tmp_path / "d", UNEVEN_LABELS, UNEVEN_SCORES)
+    rc, stdout, err = finish(cli("--data-path", tmp_path / "d", "--ipc", 3, "--k", "auto", "--span", 0.5,
+                                 "--out", tmp_path / "s.npy"))
+    assert rc == 0, err
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert s["k"] == "auto" and s["span"] == 0.5 and s["k_used"] == {"0": 2, "1": 1}
+    assert np.load(tmp_path / "s.npy").tolist() == [7, 9, 11, 13, 15, 17]
