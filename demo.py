@@ -11,8 +11,8 @@ evaluate  stands in for the Inception network with a small CNN trained here on a
           features it computes fid.py's FD, precision and recall between each model's samples and
           all real digits, and its accuracy on the samples for the class each was asked for.
           Reads   OUT/runs/<run>/checkpoints/*.pt (the newest: images, steps, settings),
-                  OUT/samples/<run>.npz and OUT/samples/<run>/settings.json (sample.py),
-                  OUT/data/digits/meta.json and OUT/data/d2c/meta.json (the VAE, and the
+                  OUT/samples/<run>.npz and OUT/samples/<run>/request.json (sample.py),
+                  OUT/data/digits/meta.json and OUT/data/d2c/request.json (the VAE, and the
                   encoders attach.py used),
                   OUT/times.tsv (stage, seconds, 1-min load average; demo.sh writes it).
           Writes  OUT/results.json, OUT/results.md, OUT/grids/<run>.png (a row per class) and
@@ -22,7 +22,6 @@ evaluate  stands in for the Inception network with a small CNN trained here on a
     python demo.py evaluate --out demo_out --runs full random d2c
 """
 import argparse
-import glob
 import json
 import os
 import time
@@ -34,7 +33,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import fid
-from common import atomic_save, die
+from common import atomic_save, die, newest_checkpoint
 
 ROW_NAMES = {"full": "full data", "random": "random subset", "d2c": "D2C subset"}
 
@@ -119,11 +118,11 @@ def metrics(ref_feats, feats, pred, labels):
 
 # ----------------------------------------------------------------------------- what the stages left
 
-def newest_checkpoint(run_dir):
-    ckpts = sorted(glob.glob(os.path.join(run_dir, "checkpoints", "*.pt")))
-    if not ckpts:
+def newest(run_dir):
+    _, ckpt = newest_checkpoint(run_dir)
+    if ckpt is None:
         die(f"{run_dir} has no checkpoints: run train.py first (demo.sh does)")
-    return torch.load(ckpts[-1], map_location="cpu", weights_only=False)
+    return ckpt
 
 
 def read_times(path):
@@ -154,8 +153,8 @@ def encoder_line(out):
     """What stood in for each pretrained part, read off the files the stages wrote."""
     with open(os.path.join(out, "data", "digits", "meta.json")) as f:
         vae = json.load(f)["vae"]
-    with open(os.path.join(out, "data", "d2c", "meta.json")) as f:
-        attach = json.load(f)["attach"]
+    with open(os.path.join(out, "data", "d2c", "request.json")) as f:
+        attach = json.load(f)["request"]
     text, vis = attach["text_encoder"], attach["vis_encoder"]
     return {
         "VAE (SD-VAE)": "none (pixel space)" if vae == "none" else vae,
@@ -185,7 +184,7 @@ def evaluate(args):
     rows = {"real": {**metrics(ref_feats[tr], ref_feats[te], ref_pred[te], labels[te]), "images": len(te)}}
     times = read_times(os.path.join(args.out, "times.tsv"))
     for run in args.runs:
-        ckpt = newest_checkpoint(os.path.join(args.out, "runs", run))
+        ckpt = newest(os.path.join(args.out, "runs", run))
         sample_dir = os.path.join(args.out, "samples", run)
         npz = np.load(sample_dir + ".npz")
         arr = npz["arr_0"]
@@ -195,8 +194,8 @@ def evaluate(args):
             die(f"{sample_dir}.npz has no labels (the class asked for by each sample): sample it again with sample.py")
         want = npz["labels"]
         feats, pred = classify(net, as_input(arr))
-        with open(os.path.join(sample_dir, "settings.json")) as f:
-            sampling = json.load(f)
+        with open(os.path.join(sample_dir, "request.json")) as f:
+            sampling = json.load(f)["request"]
         a = ckpt["args"]
         rows[run] = {**metrics(ref_feats, feats, pred, want), "images": ckpt["meta"]["count"], "steps": ckpt["step"],
                      "model": ckpt["config"]["model"], "text_cond": a["text_cond"],
