@@ -52,7 +52,7 @@ from common import atomic_save, die, fast_cuda_defaults
 from diffusion import SAMPLERS, DDPMSchedule, guided_model, linear_betas, objective_of, sample_time
 from models import SIZES, DiT_models
 from score import score_batch
-from train import StepBatches, default_encoder_depth, set_activation_memory_budget, step_noise, train_step
+from train import StepBatches, default_encoder_depth, make_step, set_activation_memory_budget, step_noise
 
 PARTS = ("train", "sample", "score", "loader", "memory")
 MODES = ("eager", "compile")
@@ -204,13 +204,10 @@ def bench_train(b, mode):
     model = build_model(args, device, proj=args.proj)
     ema = deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.999),
-                            weight_decay=0.0, fused=b.cuda)
-    net = compile_model(model, mode)
+                            weight_decay=0.0, fused=True)
     model.train()
-    ema_params = list(ema.parameters())
-    schedule = DDPMSchedule(linear_betas(1000))
-    step_args = argparse.Namespace(global_seed=0, time_weighting="uniform", class_dropout_prob=0.1, proj_coeff=0.5,
-                                   max_grad_norm=1.0, ema_decay=0.9999)  # train.py's defaults
+    train_step = make_step(model, ema, opt, b.objective, net=compile_model(model, mode),
+                           bf16=b.cuda and b.precision == "bf16")  # train.py's defaults otherwise
     pinned = lambda v: v.pin_memory() if b.cuda else v  # noqa: E731 (as train.py's loader delivers batches)
     x_host, y_host = pinned(torch.randn(B, 4, L, L)), pinned(torch.randint(0, args.num_classes, (B,)))
     h = min(256, (L // model.patch_size) ** 2)
@@ -219,9 +216,9 @@ def bench_train(b, mode):
 
     def one():
         x, y = x_host.to(device, non_blocking=True), y_host.to(device, non_blocking=True)
-        noise, t, drop = step_noise(step_args, b.objective, step[0], (B, 4, L, L), device, 0, B)
+        noise, t, drop = step_noise(b.objective, step[0], (B, 4, L, L), device)
         vis = vis_host.to(device, non_blocking=True) if args.proj else None
-        train_step(net, model, opt, ema_params, x, y, vis, noise, t, drop, b.objective, schedule, b.autocast(), step_args)
+        train_step(x, y, vis, noise, t, drop)
         step[0] += 1
 
     b.reset_memory()
