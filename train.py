@@ -99,7 +99,7 @@ def make_step(model, ema, opt, objective, *, net=None, bf16=False, proj_coeff=0.
     (vis=None: no alignment) in bf16 autocast or fp32, backward, clipping, AdamW and the EMA
     update. net is what to call (DDP-wrapped or compiled), model the bare network.
     """
-    net, schedule = net or model, DDPMSchedule(linear_betas())
+    net, schedule = model if net is None else net, DDPMSchedule(linear_betas())  # a compiled module has no truth value
     params, ema_params = list(model.parameters()), list(ema.parameters())
 
     def step(x, y, vis, noise, t, drop):
