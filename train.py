@@ -250,7 +250,7 @@ def main(args):
     step = 0 if ckpt is None else ckpt["step"]
     if ckpt is not None:
         opt.load_state_dict(ckpt["opt"])
-    net = DDP(model, device_ids=[device.index] if cuda else None) if world > 1 else model
+    net = DDP(model, device_ids=[device.index] if cuda else None) if dist.is_initialized() else model
     net = torch.compile(net) if compile_on(args, device) else net
     train_step = make_step(model, ema, opt, objective_of(args.model), net=net, bf16=cuda and args.precision == "bf16",
                            proj_coeff=args.proj_coeff, max_grad_norm=args.max_grad_norm, ema_decay=args.ema_decay)
