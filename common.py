@@ -368,6 +368,7 @@ class Output:
             die(f"stopped after {self.stop_after} chunk(s) per rank as --stop-after-chunks asked; run the same "
                 f"command without it to resume ({self.partial} keeps the finished chunks)")
         missing = sum(not self.is_done(lo) for lo, _ in self.chunks())
+        barrier()  # every rank has looked before rank 0 commits: commit moves the markers away
         if missing:
             die(f"{missing} chunks of {self.partial} are unfinished; run the same command again to complete them")
 
