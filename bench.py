@@ -22,33 +22,34 @@ fp32 on CPU.
     python bench.py --model SiT-XL/2 --image-size 256 --batch-size 256 --precision bf16 --proj
 
 The README's numbers came from (CPU: 2 cores of an AMD EPYC):
-    python bench.py --model SiT-S/2 --image-size 256 --batch-size 16 --warmup 2 --iters 7 \
+    python bench.py --model SiT-S/2 --image-size 256 --batch-size 16 --warmup 2 --iters 7 \\
         --only train,loader --json results/bench_cpu_train.json
-    OMP_NUM_THREADS=1 python bench.py --model SiT-S/2 --image-size 256 --batch-size 16 --warmup 1 \
+    OMP_NUM_THREADS=1 python bench.py --model SiT-S/2 --image-size 256 --batch-size 16 --warmup 1 \\
         --iters 5 --only sample,score,loader --json results/bench_cpu_infer_1thread.json
     python bench.py --model SiT-XL/2 --image-size 256 --batch-size 256 --proj --only memory
 GPU (one H100 SXM; not yet measured; batch 256 of SiT-XL/2 needs more than its 80 GB, see --only memory):
+    bash tools/gpu_check.sh   # the CUDA test tier, then these rows at reduced length: one table
     python bench.py --check-flash
     python bench.py --model SiT-XL/2 --image-size 256 --batch-size 128 --precision bf16 --proj --only train
-    python bench.py --model SiT-XL/2 --image-size 256 --batch-size 256 --precision bf16 --proj \
+    python bench.py --model SiT-XL/2 --image-size 256 --batch-size 256 --precision bf16 --proj \\
         --json results/bench_h100.json
-    python bench.py --model SiT-XL/2 --image-size 256 --batch-size 256 --only sample --modes compile \
+    python bench.py --model SiT-XL/2 --image-size 256 --batch-size 256 --only sample --modes compile \\
         --sample-steps 250 --cfg-scale 1.8 --guidance-low 0 --guidance-high 0.7 --json results/bench_h100_sample.json
 """
-import argparse
 import os
 import resource
 import statistics
 import tempfile
 import time
 import warnings
+from collections import Counter
 from copy import deepcopy
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import atomic_save, die, fast_cuda_defaults
+from common import atomic_save, die, fast_cuda_defaults, parser
 from diffusion import SAMPLERS, DDPMSchedule, guided_model, linear_betas, objective_of, sample_time
 from models import SIZES, DiT_models
 from score import score_batch
@@ -275,6 +276,24 @@ def bench_sampler(b, mode, net, macs, y):
           f"[{args.guidance_low}, {args.guidance_high}] ({evals:g} rows per image)", B, seconds, 2 * macs * evals)
 
 
+def sampler_evaluations(objective, steps, cfg_scale, low, high):
+    """
+    (unguided, guided) network evaluations of one run of the stage's default sampler (sde for
+    SiT, ddpm for DiT) of `steps` steps with guidance on [low, high]: an unguided one takes B rows,
+    a guided one 2B. Counted by running the sampler on a stand-in network of one pixel.
+
+        sampler_evaluations("sit", 250, 1.8, 0.0, 0.7) -> (78, 172)   # REPA's 422 rows per image
+    """
+    calls = Counter()
+
+    def net(x, t, y):
+        calls[len(x)] += 1
+        return torch.zeros_like(x)
+    f = guided_model(net, torch.zeros(1, dtype=torch.long), cfg_scale, low, high, null_class=1)
+    SAMPLERS["sde" if objective == "sit" else "ddpm"](f, torch.zeros(1, 1, 1, 1), num_steps=steps)
+    return calls[1], calls[2]
+
+
 def bench_score(b, mode):
     """score.py's forward: the loss (vb off) at T timesteps of B images in B*T rows, no grad."""
     args, B, T = b.args, b.args.batch_size, b.args.score_timesteps
@@ -385,6 +404,24 @@ def bench_loader(b):
 
 # ----------------------------------------------------------------------------- flash check
 
+def sdpa_ops(fn):
+    """
+    Counter of the scaled-dot-product-attention ATen ops that fn() calls, by name, from
+    torch.profiler: which kernel family served the attention. The fused ones are
+    aten::_scaled_dot_product_{flash,efficient,cudnn}_attention and their _backward (on CPU
+    _flash_attention_for_cpu); the math fallback shows as aten::_scaled_dot_product_attention_math
+    eagerly, and compiled as plain matmuls, so no fused op at all. A compiled graph calls the fused
+    ops as extern kernels, so they show under torch.compile too.
+
+        sdpa_ops(lambda: model(x, t, y).sum().backward())
+        -> Counter({'aten::_scaled_dot_product_flash_attention': depth, ..._backward: depth, ...})
+    """
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return Counter(e.name for e in prof.events() if "scaled_dot_product" in e.name)
+
+
 def check_flash(device):
     """One SDPA forward + backward per registry head dim under the flash-only backend:
     [(size, heads, head_dim, 'ok' | 'failed: ...')]."""
@@ -405,6 +442,13 @@ def check_flash(device):
 
 
 # ----------------------------------------------------------------------------- output
+
+def device_memory(device):
+    """Bytes of memory of the device: the GPU's total, or the machine's RAM for the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
 
 def fmt(v, spec):
     return "-" if v is None else format(v, spec)
@@ -495,43 +539,55 @@ def main(args):
     if args.json:
         atomic_save({"model": args.model, "image_size": args.image_size, "batch_size": args.batch_size,
                      "precision": b.precision, "device": b.name, "peak_tflops": b.peak, "proj": args.proj,
+                     "device_memory_gib": device_memory(device) / 2 ** 30,
                      "warmup": args.warmup, "iters": args.iters, "score_timesteps": args.score_timesteps,
                      "flops": "forward = 2 x forward_macs per image; train step = 6 x forward_macs per image",
                      "memory": "cuda max_memory_allocated" if b.cuda else "cpu max RSS (getrusage)",
                      "rows": b.rows}, args.json, fmt="json")
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    csv = lambda s: [x for x in s.split(",") if x]  # noqa: E731
+def get_parser():
+    p = parser(__doc__)
+    csv = lambda s: [x for x in s.split(",") if x]  # noqa: E731 (string defaults go through it too)
     p.add_argument("--model", default="SiT-XL/2", help="registry name, e.g. DiT-XL/2 or SiT-S/2")
     p.add_argument("--image-size", type=int, default=256, help="image side; latents are 4 x size/8 x size/8")
     p.add_argument("--batch-size", type=int, default=32, help="images per step on the one device")
-    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="autocast on CUDA; CPU is always fp32")
-    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                   help="bf16 autocast or fp32 (TF32 matmuls) on CUDA; CPU is always fp32, except that --only "
+                        "memory counts activations in this precision on CPU too")
+    p.add_argument("--num-classes", type=int, default=1000,
+                   help="classes of the random labels (the label embedding has one more, the null class)")
     p.add_argument("--proj", action="store_true", help="train with a REPA projector and the projection loss")
-    p.add_argument("--only", type=csv, default=list(PARTS), help=f"comma-separated parts of {','.join(PARTS)}")
-    p.add_argument("--modes", type=csv, default=list(MODES), help="eager, compile or eager,compile")
+    p.add_argument("--only", type=csv, default=",".join(PARTS), help="comma-separated parts to run")
+    p.add_argument("--modes", type=csv, default=",".join(MODES), help="comma-separated: eager, compile or both")
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations first (compilation happens here)")
     p.add_argument("--iters", type=int, default=10, help="timed iterations; the median is reported")
     p.add_argument("--score-timesteps", type=int, default=10, help="timesteps per image of the scoring rows")
     p.add_argument("--cfg-scale", type=float, default=1.8, help="guidance scale of the guided sampling rows")
-    p.add_argument("--guidance-low", type=float, default=0.0, help="guidance interval of --sample-steps (t, 1 = noise)")
-    p.add_argument("--guidance-high", type=float, default=0.7)
+    p.add_argument("--guidance-low", type=float, default=0.0,
+                   help="lower end of the guidance interval of --sample-steps (t, 1 = noise)")
+    p.add_argument("--guidance-high", type=float, default=0.7,
+                   help="upper end of the guidance interval of --sample-steps (t, 1 = noise)")
     p.add_argument("--sample-steps", type=int, default=0,
-                   help="also time one whole sampler run of this many steps (sde for SiT, ddpm for DiT)")
+                   help="also time one whole sampler run of this many steps (sde for SiT, ddpm for DiT); 0: none")
     p.add_argument("--loader-images", type=int, default=4096, help="rows of the loader's temporary dataset")
     p.add_argument("--flip", action="store_true", help="loader dataset stores flips, (N, 2, C, H, W)")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers (train.py's default)")
-    p.add_argument("--tmp-dir", default=None, help="where the loader's temporary dataset goes (default: TMPDIR)")
-    p.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s for MFU (default: known GPUs' table)")
+    p.add_argument("--tmp-dir", default=None,
+                   help="where the loader's temporary dataset goes; None: the system's (TMPDIR)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="peak TFLOP/s for MFU; None: the table of known GPUs (no MFU on CPU)")
     p.add_argument("--activation-memory-budget", type=float, default=1.0,
                    help="torch.compile's activation memory budget in (0, 1]: below 1 the compiled training step "
                         "saves fewer activations and recomputes more (as train.py's flag)")
-    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file; None: no file")
     p.add_argument("--check-flash", action="store_true",
                    help="only check that the flash SDPA backend takes every registry head dim, then exit")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return get_parser().parse_args(argv)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,13 @@
-"""bench.py: FLOP and MFU bookkeeping, compiled = eager, the flash check, the CLI end to end on CPU."""
+"""bench.py: FLOP and MFU bookkeeping, compiled = eager, the flash check and the attention kernels, the
+sampler's evaluation count, the CLI end to end on CPU; tools/gpu_check.sh's dry run on CPU."""
+import ast
 import json
 import os
 import subprocess
 import sys
+from copy import deepcopy
 
+import numpy as np
 import pytest
 import torch
 
@@ -62,6 +66,51 @@ def test_flash_check_covers_every_registry_head_dim():
     assert sorted((size, hd) for size, _, hd, _ in rows) == sorted(
         [("S", 64), ("B", 64), ("L", 64), ("XL", 72), ("T", 64)])
     assert all(status == "ok" for *_, status in rows)
+
+
+def test_the_training_step_calls_a_compiled_network_and_gives_the_eager_step():
+    # bench's compile mode, and train.py on a GPU, hand make_step a compiled module (which has no
+    # truth value). Dynamo's eager backend traces without inductor: the same ops, so the same numbers.
+    from train import make_step, step_noise
+    x, y = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([1, 2])
+    out = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = DiT_models["SiT-T/4"](input_size=8, num_classes=10)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+        net = torch.compile(model, backend="eager") if compiled else None
+        step = make_step(model, deepcopy(model), opt, "sit", net=net)
+        out.append([torch.stack(step(x, y, None, *step_noise("sit", s, x.shape, "cpu"))) for s in range(2)])
+    torch._dynamo.reset()
+    for eager, compiled in zip(*out):
+        torch.testing.assert_close(compiled, eager)
+
+
+def test_sdpa_ops_names_the_kernel_that_served_each_attention_call():
+    # two blocks: two attention calls forward and two backward, by the flash kernel for CPU, or by the
+    # math fallback when only that one is allowed
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from models import DiT
+    torch.manual_seed(0)
+    net = DiT(input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=2, num_classes=10)
+    run = lambda: net(torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2])).sum().backward()  # noqa: E731
+    ops = bench.sdpa_ops(run)
+    assert ops["aten::_scaled_dot_product_flash_attention_for_cpu"] == 2
+    assert ops["aten::_scaled_dot_product_flash_attention_for_cpu_backward"] == 2
+    with sdpa_kernel(SDPBackend.MATH):
+        ops = bench.sdpa_ops(run)
+    assert ops["aten::_scaled_dot_product_attention_math"] == 2
+    assert not any("flash" in name for name in ops)
+
+
+def test_sampler_evaluations_count_the_guided_steps_inside_the_interval():
+    # REPA's SDE grid, t = linspace(1, 0.04, 250), guided where t <= 0.7: 422 rows per image
+    inside = int((np.linspace(1, 0.04, 250) <= 0.7).sum())
+    assert bench.sampler_evaluations("sit", 250, 1.8, 0.0, 0.7) == (250 - inside, inside) == (78, 172)
+    # DDPM respaced to 250 of 1000 steps, guided where 0.2 <= step / 1000 <= 0.6
+    inside = sum(0.2 <= round(i * 999 / 249) / 1000 <= 0.6 for i in range(250))
+    assert bench.sampler_evaluations("ddpm", 250, 1.5, 0.2, 0.6) == (250 - inside, inside)
+    assert bench.sampler_evaluations("sit", 10, 1.0, 0.0, 1.0) == (10, 0)  # scale 1: never guided
 
 
 # ----------------------------------------------------------------------------- memory
@@ -155,3 +204,50 @@ def test_cli_rejects_an_unknown_model_with_one_line():
     r = subprocess.run([sys.executable, "bench.py", "--model", "DiT-Q/2"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 1
     assert r.stderr.strip().startswith("error: --model DiT-Q/2") and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_help_explains_every_flag_and_shows_its_default():
+    flags = [a for a in bench.get_parser()._actions if a.option_strings and a.dest != "help"]
+    assert all(a.help for a in flags), [a.option_strings for a in flags if not a.help]
+    r = subprocess.run([sys.executable, "bench.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "COLUMNS": "200"})
+    assert r.returncode == 0
+    for a in flags:
+        assert a.option_strings[0] in r.stdout
+    assert r.stdout.count("(default:") == len(flags)
+    assert "(default: train,sample,score,loader,memory)" in r.stdout and "(default: SiT-XL/2)" in r.stdout
+
+
+# ----------------------------------------------------------------------------- tools/gpu_check.sh
+
+def test_gpu_check_dry_run_on_cpu_prints_one_table_and_leaves_nothing_behind(tmp_path):
+    # --device cpu hides CUDA from every step: the tier's tests all skip, saying why, and the three
+    # benchmarks run on the smallest model at tiny sizes. Every file goes to a temporary directory
+    # under TMPDIR, removed at the end; the table is all that is left, on stdout.
+    listing = lambda: {d: sorted(os.listdir(os.path.join(ROOT, d))) for d in ("", "tools")}  # noqa: E731
+    before = listing()
+    env = {**os.environ, "PYTHON": sys.executable, "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(["bash", "tools/gpu_check.sh", "--device", "cpu"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr[-4000:]
+    title, blank, header, rule, *rows = r.stdout.strip().splitlines()
+    assert title.startswith("GPU check dry run on CPU") and "no GPU figure" in title and blank == ""
+    assert header == "| check | result | value | details |" and rule == "|---|---|---:|---|"
+    cells = [row.split(" | ") for row in rows]
+    assert all(row.startswith("| ") and row.endswith(" |") and len(c) == 4 for row, c in zip(rows, cells))
+
+    # one row per test function of tests/test_cuda.py (two for the parametrized one), all skipped
+    tree = ast.parse(open(os.path.join(ROOT, "tests", "test_cuda.py")).read())
+    tests = [f.name for f in tree.body if isinstance(f, ast.FunctionDef) and f.name.startswith("test_")]
+    tested = [c for c in cells if c[0].startswith("| test: ")]
+    assert len(tested) == len(tests) + 1
+    for name in tests:
+        assert any(c[0].startswith("| test: " + name[5:].replace("_", " ")) for c in tested), name
+    assert all(c[1] == "skipped" and ("CUDA" in c[3] or "two GPUs" in c[3]) for c in tested)
+
+    benches = [c for c in cells if c[0].startswith("| bench: ")]
+    assert [c[0].split()[2] for c in benches] == ["training", "sampling", "scoring"]
+    for c in benches:
+        assert c[1] == "ok" and c[2].endswith(" images/s") and float(c[2].split()[0]) > 0, c
+    assert "422 rows per image" in benches[1][3]
+    assert os.listdir(tmp_path) == [] and listing() == before
