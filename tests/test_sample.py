@@ -306,7 +306,9 @@ SETTINGS = ["--num-fid-samples", 7, "--num-steps", 4, "--cfg-scale", 2.0, "--gui
 def test_samples_do_not_depend_on_processes_or_batch_size_and_npz_matches_the_pngs(ckpt, tmp_path):
     cli("--ckpt", ckpt, "--sample-dir", tmp_path / "a", "--per-proc-batch-size", 4, *SETTINGS)
     cli("--ckpt", ckpt, "--sample-dir", tmp_path / "b", "--per-proc-batch-size", 3, *SETTINGS)
-    cli("--ckpt", ckpt, "--sample-dir", tmp_path / "c", "--per-proc-batch-size", 2, *SETTINGS, nproc=2)
+    # 2 ranks over 4 chunks: every rank checks every chunk marker before rank 0 commits them away
+    cli("--ckpt", ckpt, "--sample-dir", tmp_path / "c", "--per-proc-batch-size", 2, "--chunk-size", 2, *SETTINGS,
+        nproc=2)
     a = np.load(tmp_path / "a.npz")["arr_0"]
     assert a.shape == (7, 8, 8, 3) and a.dtype == np.uint8 and a.std() > 10
     np.testing.assert_array_equal(a, pngs(tmp_path / "a", 7))           # arr_0[i] is DIR/i.png
