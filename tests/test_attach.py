@@ -214,7 +214,11 @@ def test_resume_keeps_finished_chunks_and_two_ranks_match_one(world):
 
     r = run(*common, "--out", world["root"] / "sub_ddp", nproc=2)
     assert r.returncode == 0, r.stderr
-    np.testing.assert_array_equal(np.load(world["root"] / "sub_ddp" / "vis.npy"), one_rank)
+    # Each rank encodes other batches with other thread counts (torchrun gives each worker one
+    # thread), so the encoder's float32 sums round differently (~1e-6 of tokens of order one): the
+    # stored float16 tokens agree within one float16 step (2^-10 relative) or 1e-5 near zero.
+    ddp = np.load(world["root"] / "sub_ddp" / "vis.npy").astype(np.float32)
+    np.testing.assert_allclose(ddp, one_rank.astype(np.float32), rtol=2 ** -10, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- bad input
