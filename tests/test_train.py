@@ -253,8 +253,9 @@ def test_a_signal_saves_the_current_step_and_the_rerun_equals_an_uninterrupted_r
     (data, a), args = uninterrupted, SIGNAL_RUN
     cmd = script_cmd("train.py") + ["--data-path", str(data), "--results-dir", str(tmp_path / "r"), "--global-batch-size",
                                     "8", "--num-workers", "2", "--ema-decay", "0.9", *map(str, args)]
+    # one thread, as train() runs the other two: another thread count sums in another order
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)
+                         start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     for line in p.stdout:
         if "step 0000005" in line:
             break
