@@ -105,7 +105,7 @@ def last_line(text):
 def tier(c):
     """tests/test_cuda.py under pytest, one table row per test from its JUnit report."""
     xml = os.path.join(c.args.tmp, "tier.xml")
-    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-rs", "-p", "no:cacheprovider",
+    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-n", "0", "-q", "-rs", "-p", "no:cacheprovider",
            "--basetemp", os.path.join(c.args.tmp, "pytest"), "--junitxml", xml, "-o", "junit_family=xunit1",
            "tests/test_cuda.py"]
     timeout = min(c.s["tier_timeout"], c.left())
