@@ -99,8 +99,8 @@ def test_the_subset_keeps_ipc_per_class_with_the_class_prompts_and_tokens_for_ev
     assert np.load(d / "vis.npy").shape == (3 * IPC, (SIZE // 4) ** 2, 384)   # 64 tokens of 8x8 patches
     with open(run / "data" / "mine_d2c.json") as f:
         summary = json.load(f)
-    # --k auto, span 0.7: the largest k with (IPC - 1) k < 0.7 * 20, i.e. 3 * k < 14
-    assert summary["k"] == "auto" and set(summary["k_used"].values()) == {4}
+    # --k auto --span 1.0 (as printed): the largest k with (IPC - 1) k < 1.0 * 20, i.e. 3 * k < 20
+    assert summary["k"] == "auto" and set(summary["k_used"].values()) == {6}
 
 
 def test_the_final_model_trains_on_the_subset_with_dc_embedding_and_alignment(run):
