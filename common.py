@@ -457,6 +457,36 @@ def unflipped(latents):
 
 # ----------------------------------------------------------------------------- images
 
+# The extensions torchvision's ImageFolder accepts (compared case-insensitively).
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+def find_images(root, flag="--data-path"):
+    """(class_names, relative file paths, labels) in ImageFolder's order, or a clear error."""
+    if not os.path.isdir(root):
+        die(f"{flag} {root} is not a directory: give an image folder with one subfolder per class")
+    if not os.listdir(root):
+        die(f"{flag} {root} is empty: it should hold one subfolder of images per class")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    if not classes:
+        die(f"{flag} {root} has no class subfolders: put the images in one subfolder per class "
+            "(the ImageNet train layout)")
+    files, labels, empty = [], [], []
+    for label, name in enumerate(classes):
+        found = [os.path.relpath(os.path.join(d, f), root)
+                 for d, _, fs in sorted(os.walk(os.path.join(root, name), followlinks=True))
+                 for f in sorted(fs) if f.lower().endswith(IMG_EXTENSIONS)]
+        if not found:
+            empty.append(name)
+        files += found
+        labels += [label] * len(found)
+    if not files:
+        die(f"{flag} {root} has no images ({' '.join(IMG_EXTENSIONS)}) in its {len(classes)} class subfolders")
+    if empty:
+        die(f"{flag} {root} has class folders without images ({', '.join(empty[:5])}"
+            f"{' ...' if len(empty) > 5 else ''}): remove them or add images")
+    return classes, files, labels
+
+
 def center_crop_arr(pil_image, image_size):
     """ADM center crop: halve with a box filter while >= 2x the target, bicubic resize, crop."""
     from PIL import Image
@@ -470,11 +500,12 @@ def center_crop_arr(pil_image, image_size):
 
 
 class ImageCrops(torch.utils.data.Dataset):
-    """Row i -> (i, uint8 (3, S, S) ADM crop of paths[i], error message or ''); an unreadable image
-    gives zeros and its error, for the stage to stop on or skip."""
+    """Row i -> (i, uint8 (channels, S, S) ADM crop of paths[i], error message or ''); an unreadable
+    image gives zeros and its error, for the stage to stop on or skip. channels 3: RGB, 1: grayscale
+    (PIL's "L", ITU-R 601 luma)."""
 
-    def __init__(self, paths, size):
-        self.paths, self.size = paths, size
+    def __init__(self, paths, size, channels=3):
+        self.paths, self.size, self.mode = paths, size, {1: "L", 3: "RGB"}[channels]
 
     def __len__(self):
         return len(self.paths)
@@ -483,15 +514,15 @@ class ImageCrops(torch.utils.data.Dataset):
         from PIL import Image
         try:
             with Image.open(self.paths[i]) as img:
-                arr = center_crop_arr(img.convert("RGB"), self.size)
-            return i, torch.from_numpy(arr).permute(2, 0, 1), ""
+                arr = center_crop_arr(img.convert(self.mode), self.size)
+            return i, torch.from_numpy(arr.reshape(self.size, self.size, -1)).permute(2, 0, 1), ""
         except Exception as e:  # noqa: BLE001 (PIL raises many types for a broken file)
-            return i, torch.zeros(3, self.size, self.size, dtype=torch.uint8), f"{type(e).__name__}: {e}"
+            return i, torch.zeros(len(self.mode), self.size, self.size, dtype=torch.uint8), f"{type(e).__name__}: {e}"
 
 
-def crop_loader(paths, size, batches, num_workers, device):
+def crop_loader(paths, size, batches, num_workers, device, channels=3):
     """A DataLoader of ImageCrops over the given row batches."""
-    return torch.utils.data.DataLoader(ImageCrops(paths, size), batch_sampler=batches, num_workers=num_workers,
+    return torch.utils.data.DataLoader(ImageCrops(paths, size, channels), batch_sampler=batches, num_workers=num_workers,
                                        pin_memory=device.type == "cuda", worker_init_fn=quiet_worker)
 
 

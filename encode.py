@@ -29,39 +29,10 @@ import numpy as np
 import torch
 
 from common import (VAE_IDS, Output, add_output_flags, atomic_save, atomic_write, check_output, cleanup_distributed,
-                    create_logger, crop_loader, default_workers, die, load_vae, parser, progress,
-                    run, setup_distributed)
+                    create_logger, crop_loader, default_workers, die, find_images, load_vae, parser,
+                    progress, run, setup_distributed)
 
-# The extensions torchvision's ImageFolder accepts (compared case-insensitively).
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 LATENT_SCALE = 0.18215
-
-
-def find_images(root):
-    """(class_names, relative file paths, labels) in ImageFolder's order, or a clear error."""
-    if not os.path.isdir(root):
-        die(f"--data-path {root} is not a directory: give an image folder with one subfolder per class")
-    if not os.listdir(root):
-        die(f"--data-path {root} is empty: it should hold one subfolder of images per class")
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
-    if not classes:
-        die(f"--data-path {root} has no class subfolders: put the images in one subfolder per class "
-            "(the ImageNet train layout)")
-    files, labels, empty = [], [], []
-    for label, name in enumerate(classes):
-        found = [os.path.relpath(os.path.join(d, f), root)
-                 for d, _, fs in sorted(os.walk(os.path.join(root, name), followlinks=True))
-                 for f in sorted(fs) if f.lower().endswith(IMG_EXTENSIONS)]
-        if not found:
-            empty.append(name)
-        files += found
-        labels += [label] * len(found)
-    if not files:
-        die(f"--data-path {root} has no images ({' '.join(IMG_EXTENSIONS)}) in its {len(classes)} class subfolders")
-    if empty:
-        die(f"--data-path {root} has class folders without images ({', '.join(empty[:5])}"
-            f"{' ...' if len(empty) > 5 else ''}): remove them or add images")
-    return classes, files, labels
 
 
 @torch.inference_mode()
