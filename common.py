@@ -7,6 +7,7 @@ they never import each other.
 import argparse
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -127,6 +128,47 @@ def cleanup_distributed():
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def cpu_has_bf16():
+    """Whether this CPU computes bf16 natively: AVX512-BF16 or AMX-BF16 on x86, the BF16 extension on Arm,
+    read off the flags of /proc/cpuinfo (False where there is none). torch's get_cpu_capability() says
+    only "AVX512", which CPUs without bf16 report too; there autocast emulates bf16 and is slower than fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def use_bf16(precision, device, log=print):
+    """
+    Whether the network runs in bf16 autocast (fp32 master weights, optimizer states and losses)
+    for --precision auto | bf16 | fp32 on `device`: auto is bf16 on CUDA and fp32 on CPU; an explicit
+    bf16 is honoured on a CPU with native bf16 (cpu_has_bf16), and elsewhere on CPU log() says in one
+    line that it stays fp32.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is none of {PRECISIONS}")
+    cuda = torch.device(device).type == "cuda"
+    if precision == "fp32" or (precision == "auto" and not cuda):
+        return False
+    if cuda or cpu_has_bf16():
+        return True
+    log("--precision bf16: this CPU has no native bf16 (no avx512_bf16 / amx_bf16 flag), where bf16 autocast is "
+        "slower than fp32; running in fp32")
+    return False
+
+
+def add_precision_flag(p):
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="auto: bf16 autocast on CUDA, fp32 on CPU; bf16: bf16 autocast with fp32 master weights, on "
+                        "CPU too where it has native bf16 (AVX512-BF16, AMX), else fp32 with a note; fp32: fp32 "
+                        "(TF32 matmuls on CUDA)")
 
 
 def fast_cuda_defaults():
@@ -609,6 +651,36 @@ def newest_checkpoint(results_dir, warn=print):
     return None, None
 
 
+def ema_decay_at(step, decay, warmup=False):
+    """The EMA decay of training step `step` (0 = the first): `decay`, or with warm-up
+    min(decay, (1 + step) / (10 + step)), the usual warm-up (TensorFlow's num_updates, timm's ModelEmaV2)."""
+    return min(decay, (1 + step) / (10 + step)) if warmup else decay
+
+
+def ema_init_weight(steps, decay, warmup=False):
+    """
+    The weight the EMA still gives the initial weights after `steps` steps, the product of the
+    steps' decays (ema = d ema + (1 - d) weights, starting from the initial weights): decay ** steps,
+    or with warm-up 1 / C(m + 9, 9) * decay ** (steps - m), m = the steps whose warm-up value
+    (1 + s) / (10 + s) is below decay, whose product telescopes to m! 9! / (m + 9)!.
+    """
+    if not warmup:
+        return decay ** steps
+    m = steps if decay >= 1 else min(steps, max(0, math.ceil((10 * decay - 1) / (1 - decay))))
+    return math.exp(math.lgamma(m + 1) + math.lgamma(10) - math.lgamma(m + 10)) * decay ** (steps - m)
+
+
+def ours_ema_init_weight(ckpt):
+    """The weight a train.py checkpoint's EMA gives the initial weights: stored by train.py, or for
+    older files computed from its step and --ema-decay (no warm-up then existed); None if unknown."""
+    if "ema_init_weight" in ckpt:
+        return ckpt["ema_init_weight"]
+    args = ckpt.get("args") or {}
+    if "ema_decay" in args and "step" in ckpt:
+        return ema_init_weight(ckpt["step"], args["ema_decay"], args.get("ema_warmup", False))
+    return None
+
+
 def model_config(state_dict, encoder_depth=8):
     """Constructor kwargs of a registry model, read off the shapes of a state dict."""
     sd = state_dict
@@ -668,7 +740,8 @@ def load_model(ckpt_path, model_name=None, use_ema=True, device="cpu", time_conv
     ({"model", "ema", "opt", "args", ...}). model_name is needed only for files that do not name
     their network. Returns (model in eval mode, info) with info = {"model": name, "objective":
     "ddpm"|"sit", "reverse_time": bool, "meta": dict|None, "config": kwargs}. The network is not
-    wrapped: diffusion.ReverseTime adapts reverse time.
+    wrapped: diffusion.ReverseTime adapts reverse time. info["ema_init_weight"]: for our checkpoints
+    the weight their EMA still gives the initial weights (see ema_init_weight), else None.
     """
     import models
     from diffusion import objective_of
@@ -696,7 +769,8 @@ def load_model(ckpt_path, model_name=None, use_ema=True, device="cpu", time_conv
     except RuntimeError as e:
         first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
         die(f"--ckpt {ckpt_path} does not fit {name} ({first}); pass the --model it was trained as")
-    info = dict(model=name, objective=objective_of(name), reverse_time=reverse, meta=meta, config=cfg)
+    info = dict(model=name, objective=objective_of(name), reverse_time=reverse, meta=meta, config=cfg,
+                ema_init_weight=ours_ema_init_weight(ckpt) if isinstance(ckpt, dict) and "config" in ckpt else None)
     return model.to(device).eval().requires_grad_(False), info
 
 
