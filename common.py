@@ -670,15 +670,16 @@ def ema_init_weight(steps, decay, warmup=False):
     return math.exp(math.lgamma(m + 1) + math.lgamma(10) - math.lgamma(m + 10)) * decay ** (steps - m)
 
 
-def ours_ema_init_weight(ckpt):
-    """The weight a train.py checkpoint's EMA gives the initial weights: stored by train.py, or for
-    older files computed from its step and --ema-decay (no warm-up then existed); None if unknown."""
-    if "ema_init_weight" in ckpt:
-        return ckpt["ema_init_weight"]
-    args = ckpt.get("args") or {}
-    if "ema_decay" in args and "step" in ckpt:
-        return ema_init_weight(ckpt["step"], args["ema_decay"], args.get("ema_warmup", False))
-    return None
+def ema_of_checkpoint(ckpt):
+    """The EMA of a train.py checkpoint: {"init_weight", "decay", "warmup", "step"}, init_weight the
+    weight it still gives the initial weights, stored by train.py or, for older files, computed from
+    the step and --ema-decay (None where the file does not say)."""
+    args, step = ckpt.get("args") or {}, ckpt.get("step")
+    decay, warmup = args.get("ema_decay"), args.get("ema_warmup", False)
+    w = ckpt.get("ema_init_weight")
+    if w is None and decay is not None and step is not None:
+        w = ema_init_weight(step, decay, warmup)
+    return dict(init_weight=w, decay=decay, warmup=warmup, step=step)
 
 
 def model_config(state_dict, encoder_depth=8):
@@ -740,8 +741,8 @@ def load_model(ckpt_path, model_name=None, use_ema=True, device="cpu", time_conv
     ({"model", "ema", "opt", "args", ...}). model_name is needed only for files that do not name
     their network. Returns (model in eval mode, info) with info = {"model": name, "objective":
     "ddpm"|"sit", "reverse_time": bool, "meta": dict|None, "config": kwargs}. The network is not
-    wrapped: diffusion.ReverseTime adapts reverse time. info["ema_init_weight"]: for our checkpoints
-    the weight their EMA still gives the initial weights (see ema_init_weight), else None.
+    wrapped: diffusion.ReverseTime adapts reverse time. info["ema"]: ema_of_checkpoint for our
+    checkpoints, else None.
     """
     import models
     from diffusion import objective_of
@@ -770,7 +771,7 @@ def load_model(ckpt_path, model_name=None, use_ema=True, device="cpu", time_conv
         first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
         die(f"--ckpt {ckpt_path} does not fit {name} ({first}); pass the --model it was trained as")
     info = dict(model=name, objective=objective_of(name), reverse_time=reverse, meta=meta, config=cfg,
-                ema_init_weight=ours_ema_init_weight(ckpt) if isinstance(ckpt, dict) and "config" in ckpt else None)
+                ema=ema_of_checkpoint(ckpt) if isinstance(ckpt, dict) and "config" in ckpt else None)
     return model.to(device).eval().requires_grad_(False), info
 
 
