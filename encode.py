@@ -1,16 +1,20 @@
 """
 Encode an image folder (one subfolder per class, the ImageNet train layout) into a dataset
 directory: the SD-VAE posterior mean x 0.18215 of the ADM center crop of every image.
+A grayscale folder (every image of a grayscale PIL mode, --channels auto) is kept grayscale:
+one channel of PIL's "L" luma; through a VAE it goes as RGB of three equal channels, and
+meta.json "channels": 1 tells sample.py to turn the decoded images back to grayscale.
 
 Reads:  --data-path, an image folder. Classes are its subfolders in sorted order and images are
         found as torchvision's ImageFolder finds them (recursively, sorted, by extension).
 Writes: --out, a directory holding
           latents.npy  float16 (N, C, H, W), or (N, 2, C, H, W) with --flip (index 1: the
-                       horizontally flipped crop); with --vae none the pixels in [-1, 1], C = 3
+                       horizontally flipped crop); with --vae none the pixels in [-1, 1],
+                       C = --channels (3 RGB, 1 grayscale)
           labels.npy   int64 (N,), the class index
           files.txt    the source image of each row, relative to meta.json's "source"
-          meta.json    image_size, vae, vae_id, latent_scale, latent_shape, flip, count,
-                       num_classes, class_names, source, skipped
+          meta.json    image_size, channels (of the images: 1 or 3), vae, vae_id, latent_scale,
+                       latent_shape, flip, count, num_classes, class_names, source, skipped
           request.json the settings and file list it was made from; log.txt
         OUT is built in OUT.partial and renamed when complete, so OUT is never half-written.
         A killed run keeps its finished chunks in OUT.partial: run the same command again.
@@ -33,12 +37,31 @@ from common import (VAE_IDS, Output, add_output_flags, atomic_save, atomic_write
                     progress, run, setup_distributed)
 
 LATENT_SCALE = 0.18215
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "F")  # PIL modes of one (gray) channel, alpha aside
+
+
+def folder_channels(paths):
+    """1 when every image is of a grayscale PIL mode, else 3. PIL reads the mode off the header, so no
+    pixel is decoded, and the scan stops at the first colour image (the first file of an RGB folder).
+    Unreadable files do not count here; encoding names them."""
+    from PIL import Image
+    for p in paths:
+        try:
+            with Image.open(p) as img:
+                if img.mode not in GRAY_MODES:
+                    return 3
+        except Exception:  # noqa: BLE001 (PIL raises many types for a broken file)
+            continue
+    return 1
 
 
 @torch.inference_mode()
 def encode(vae, img, flip):
-    """uint8 (B, 3, S, S) -> float16 (B, C, h, w), or (B, 2, C, h, w) with flip."""
+    """uint8 (B, 3 or 1, S, S) -> float16 (B, C, h, w), or (B, 2, C, h, w) with flip; a grayscale
+    image goes through a VAE as RGB of three equal channels."""
     x = img.float() / 127.5 - 1
+    if vae is not None and x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
     if flip:  # both views in one batch: one encoder pass
         x = torch.cat([x, x.flip(-1)])
     # The posterior mean, not a sample: the dataset stays deterministic. The encoder runs in fp32
@@ -52,7 +75,7 @@ def encode(vae, img, flip):
 
 def latent_shape_of(vae, args):
     if vae is None:
-        return (3, args.image_size, args.image_size)
+        return (args.channels, args.image_size, args.image_size)
     f = 2 ** (len(vae.config.block_out_channels) - 1)
     if args.image_size % f:
         die(f"--image-size {args.image_size} is not a multiple of {f}, the downsampling of --vae {args.vae}")
@@ -65,7 +88,7 @@ def encode_chunks(out, vae, paths, args, device, logger):
     latents = out.array("latents.npy", (n, 2, *args.latent_shape) if args.flip else (n, *args.latent_shape), np.float16)
     valid = out.array("valid.npy", (n,), np.uint8)
     batches = out.batches(args.batch_size)
-    loader = crop_loader(paths, args.image_size, batches, args.num_workers, device)
+    loader = crop_loader(paths, args.image_size, batches, args.num_workers, device, args.channels)
     start, chunk_start, chunk_images = time.time(), time.time(), 0
     with progress(total=sum(map(len, batches)), rank=out.rank, unit="img", desc="encode") as bar:
         for idx, img, errors in loader:
@@ -126,8 +149,12 @@ def main(args):
     vae_id = None if args.vae == "none" else os.path.abspath(args.vae) if os.path.isdir(args.vae) else VAE_IDS.get(args.vae, args.vae)
     # rows are only valid for the same settings and the same file list
     digest = hashlib.sha1("\n".join(f"{lab} {p}" for lab, p in zip(labels, files)).encode()).hexdigest()
-    request = {"source": source, "image_size": args.image_size, "vae_id": vae_id, "flip": args.flip,
-               "count": len(files), "files_sha1": digest}
+    found = args.channels
+    if args.channels == "auto":
+        args.channels = folder_channels([os.path.join(source, f) for f in files])
+    args.channels = int(args.channels)
+    request = {"source": source, "image_size": args.image_size, "channels": args.channels, "vae_id": vae_id,
+               "flip": args.flip, "count": len(files), "files_sha1": digest}
     out = Output(args.out, request, rank, world, args.overwrite, args.stop_after_chunks)
     if out.complete:
         return cleanup_distributed()
@@ -138,14 +165,15 @@ def main(args):
     out.start(len(files), args.chunk_size)
     logger = create_logger(out.partial, rank, name="encode")
     todo = out.remaining()
-    logger.info(f"{source}: {len(files)} images in {len(classes)} classes -> {out.out}, latents "
+    logger.info(f"{source}: {len(files)} images in {len(classes)} classes, {'grayscale' if args.channels == 1 else 'RGB'}"
+                f"{' (--channels auto)' if found == 'auto' else ''} -> {out.out}, latents "
                 f"{args.latent_shape}{' x 2 flips' if args.flip else ''} float16, vae {args.vae}, {world} rank(s); "
                 f"{out.summary('images')}")
     seconds = encode_chunks(out, vae, [os.path.join(source, f) for f in files], args, device, logger)
     out.end_chunks()  # waits for every rank; fails if a chunk is missing
     logger.info(f"encoded {todo} images in {seconds:.1f} s on {world} rank(s)")
     if rank == 0:
-        meta = {"image_size": args.image_size, "vae": args.vae, "vae_id": vae_id,
+        meta = {"image_size": args.image_size, "channels": args.channels, "vae": args.vae, "vae_id": vae_id,
                 "latent_scale": 1.0 if vae is None else LATENT_SCALE, "latent_shape": list(args.latent_shape),
                 "flip": args.flip, "count": len(files), "num_classes": len(classes), "class_names": classes,
                 "source": source, "files_relative_to": "source", "skipped": []}
@@ -162,6 +190,9 @@ def get_parser():
     p.add_argument("--vae", type=str, default="ema",
                    help="ema | mse (stabilityai/sd-vae-ft-ema / -mse), a diffusers AutoencoderKL hub id or "
                         "local directory, or none (store the pixels in [-1, 1])")
+    p.add_argument("--channels", choices=["auto", "1", "3"], default="auto",
+                   help="1: grayscale (PIL's L luma), 3: RGB; auto: 1 when every image of the folder has a grayscale "
+                        "PIL mode (L, LA, 1, I, I;16, F; read off the headers), else 3")
     p.add_argument("--flip", action="store_true", help="also store the latents of the horizontally flipped crop")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch on each rank")
     p.add_argument("--num-workers", type=int, default=None,

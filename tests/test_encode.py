@@ -100,7 +100,7 @@ def test_pixel_dataset_holds_the_adm_crops_and_their_flips_in_imagefolder_order(
     np.testing.assert_array_equal(latents[:, 1], ref[..., ::-1].astype(np.float16))
     assert labels.dtype == np.int64 and labels.tolist() == [c for _, c in FILES]
     assert files == [f for f, _ in FILES]
-    assert meta == {"image_size": 16, "vae": "none", "vae_id": None, "latent_scale": 1.0, "latent_shape": [3, 16, 16],
+    assert meta == {"image_size": 16, "channels": 3, "vae": "none", "vae_id": None, "latent_scale": 1.0, "latent_shape": [3, 16, 16],
                     "flip": True, "count": 7, "num_classes": 3, "class_names": CLASSES, "source": folder,
                     "files_relative_to": "source", "skipped": []}
     assert sorted(os.listdir(pixel_out)) == ["files.txt", "labels.npy", "latents.npy", "log.txt", "meta.json", "request.json"]
@@ -157,17 +157,25 @@ def test_killed_run_resumes_and_keeps_the_finished_chunks(folder, pixel_out):
     assert not os.path.exists(out + ".partial")
 
 
-def test_vae_latents_are_the_scaled_posterior_mean_of_the_crop(folder, tmp_path):
+@pytest.fixture(scope="module")
+def vae(tmp_path_factory):
+    """(network, directory) of a VAE of random weights."""
     from diffusers.models import AutoencoderKL
 
     torch.manual_seed(0)
     # The SD-VAE architecture (4 DownEncoderBlock2D, 2 layers each, 4 latent channels), narrower.
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+    net = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
                         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32, 32, 64, 64),
                         layers_per_block=2, latent_channels=4, sample_size=256).eval()
-    vae.save_pretrained(tmp_path / "vae")
+    path = tmp_path_factory.mktemp("vae") / "vae"
+    net.save_pretrained(path)
+    return net, path
+
+
+def test_vae_latents_are_the_scaled_posterior_mean_of_the_crop(folder, vae, tmp_path):
+    vae, vae_dir = vae
     out = str(tmp_path / "latents")
-    encode_ok("--data-path", folder, "--out", out, "--vae", tmp_path / "vae", "--image-size", 32, "--flip",
+    encode_ok("--data-path", folder, "--out", out, "--vae", vae_dir, "--image-size", 32, "--flip",
               "--batch-size", 4, "--num-workers", 1)
     latents, labels, files, meta = load(out)
 
@@ -178,8 +186,78 @@ def test_vae_latents_are_the_scaled_posterior_mean_of_the_crop(folder, tmp_path)
     assert latents.shape == (7, 2, 4, 4, 4) and latents.dtype == np.float16
     assert np.abs(ref).max() > 0.05  # a meaningful comparison
     np.testing.assert_allclose(latents.astype(np.float32), ref, rtol=2e-3, atol=2e-4)
-    assert meta["vae"] == str(tmp_path / "vae") and meta["latent_scale"] == 0.18215
+    assert meta["vae"] == str(vae_dir) and meta["latent_scale"] == 0.18215
     assert meta["latent_shape"] == [4, 4, 4] and labels.tolist() == [c for _, c in FILES]
+
+
+# ----------------------------------------------------------------------------- grayscale
+
+GRAY = [("Ankle boot/0.png", "L", (28, 28)), ("Ankle boot/1.png", "LA", (30, 41)), ("Bag/0.png", "L", (28, 28)),
+        ("Bag/1.png", "1", (20, 24)), ("Bag/2.png", "I;16", (28, 33))]
+
+
+@pytest.fixture(scope="module")
+def gray_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gray") / "images"
+    rng = np.random.default_rng(1)
+    for name, mode, (h, w) in GRAY:
+        os.makedirs(root / os.path.dirname(name), exist_ok=True)
+        a = rng.integers(0, 256, (h, w), dtype=np.uint8)
+        img = {"L": lambda: Image.fromarray(a, "L"), "1": lambda: Image.fromarray(a > 127),
+               "LA": lambda: Image.fromarray(np.stack([a, 255 - a], -1), "LA"),
+               "I;16": lambda: Image.fromarray(a.astype(np.uint16))}[mode]()
+        img.save(root / name)
+        assert Image.open(root / name).mode == mode
+    return root
+
+
+def gray_pixels(root, files, size):
+    """(N, 1, size, size) float32 in [-1, 1]: the crop of each image converted to PIL's "L"."""
+    crops = [adm_crop(Image.open(os.path.join(root, f)).convert("L"), size) for f in files]
+    return np.stack(crops)[:, None].astype(np.float32) / 127.5 - 1
+
+
+def test_grayscale_folder_is_stored_as_one_channel_the_crop_of_the_luma(gray_folder, tmp_path):
+    out = tmp_path / "gray"
+    r = encode_ok("--data-path", gray_folder, "--out", out, "--vae", "none", "--image-size", 16, "--flip",
+                  "--num-workers", 0)
+    latents, labels, files, meta = load(out)
+    assert files == [f for f, _, _ in GRAY] and labels.tolist() == [0, 0, 1, 1, 1]
+    assert latents.shape == (5, 2, 1, 16, 16) and meta["channels"] == 1 and meta["latent_shape"] == [1, 16, 16]
+    ref = gray_pixels(gray_folder, files, 16)
+    np.testing.assert_array_equal(latents[:, 0], ref.astype(np.float16))
+    np.testing.assert_array_equal(latents[:, 1], ref[..., ::-1].astype(np.float16))
+    assert "grayscale (--channels auto)" in r.stdout
+
+    # --channels 3 keeps the RGB layout (three equal channels of a gray image); --channels 1 turns an
+    # RGB folder into its luma
+    encode_ok("--data-path", gray_folder, "--out", tmp_path / "rgb", "--vae", "none", "--image-size", 16,
+              "--channels", 3, "--num-workers", 0)
+    rgb, *_, meta3 = load(tmp_path / "rgb")
+    assert rgb.shape == (5, 3, 16, 16) and meta3["channels"] == 3
+    np.testing.assert_array_equal(rgb[:, 0], rgb[:, 2])
+
+
+def test_one_colour_image_makes_the_folder_rgb_and_channels_1_stores_the_luma(folder, tmp_path):
+    encode_ok("--data-path", folder, "--out", tmp_path / "auto", "--vae", "none", "--image-size", 16, "--num-workers", 0)
+    assert load(tmp_path / "auto")[0].shape == (7, 3, 16, 16)   # b2.png alone is grayscale
+    encode_ok("--data-path", folder, "--out", tmp_path / "luma", "--vae", "none", "--image-size", 16, "--channels", 1,
+              "--num-workers", 0)
+    latents, _, files, meta = load(tmp_path / "luma")
+    assert meta["channels"] == 1
+    np.testing.assert_array_equal(latents, gray_pixels(folder, files, 16).astype(np.float16))
+
+
+def test_grayscale_goes_through_the_vae_as_three_equal_channels(gray_folder, vae, tmp_path):
+    vae, vae_dir = vae
+    out = tmp_path / "latents"
+    encode_ok("--data-path", gray_folder, "--out", out, "--vae", vae_dir, "--image-size", 32, "--num-workers", 0)
+    latents, _, files, meta = load(out)
+    x = torch.from_numpy(gray_pixels(gray_folder, files, 32)).repeat(1, 3, 1, 1)
+    with torch.no_grad():
+        ref = (0.18215 * vae.encode(x).latent_dist.mean).numpy()
+    assert latents.shape == (5, 4, 4, 4) and meta["channels"] == 1 and meta["latent_shape"] == [4, 4, 4]
+    np.testing.assert_allclose(latents.astype(np.float32), ref, rtol=2e-3, atol=2e-4)
 
 
 def test_unusable_image_folder_is_a_clear_error_and_writes_nothing(tmp_path):
