@@ -23,22 +23,16 @@ The visual tokens are computed as REPA does: /255, ImageNet mean/std, bicubic re
 import hashlib
 import os
 import pkgutil
-import re
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (Output, add_output_flags, atomic_save, atomic_write, check_output, cleanup_distributed,
-                    create_logger, crop_loader, default_workers, die, from_hub, load_array,
-                    load_dataset, parser, progress, read_checkpoint, run, setup_distributed)
+from common import (IMAGENET_MEAN, IMAGENET_STD, Output, add_output_flags, atomic_save, atomic_write, check_output,
+                    cleanup_distributed, create_logger, crop_loader, default_workers, die, from_hub, load_array,
+                    load_dataset, load_vis_encoder, parser, progress, run, setup_distributed)
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-# torch.hub's names (dinov2_vitb14, dinov2_vitb14_reg) and REPA's --enc-type (dinov2-vit-b, dinov2reg-vit-b)
-DINOV2 = re.compile(r"dinov2_vit([sblg])14(_reg)?$|dinov2(reg)?-vit-([sblg])$")
-DINOV2_WIDTHS = {384: "small", 768: "base", 1024: "large", 1536: "giant"}
-DINOV2_SIZES = {name[0]: name for name in DINOV2_WIDTHS.values()}                  # s, b, l, g
 TEXT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -119,29 +113,6 @@ def encode_text(prompts, name, text_len, dtype, device):
 
 # ----------------------------------------------------------------------------- visual tokens
 
-def vit_from_file(path, pick):
-    """A DINOv2 .pth state dict (official or timm layout) in timm's architecture, at pick(patch) px."""
-    import timm
-    from timm.models.vision_transformer import checkpoint_filter_fn
-    sd = read_checkpoint(path, "--vis-encoder")
-    if not isinstance(sd, dict) or "patch_embed.proj.weight" not in sd:
-        die(f"--vis-encoder {path} holds no ViT state dict (no patch_embed.proj.weight); give a DINOv2 checkpoint "
-            "(the official .pth or a timm vit_*_dinov2 state dict)")
-    width, _, patch, _ = sd["patch_embed.proj.weight"].shape
-    if width not in DINOV2_WIDTHS:
-        die(f"--vis-encoder {path}: width {width} is none of DINOv2's {sorted(DINOV2_WIDTHS)}")
-    reg = "register_tokens" in sd or "reg_token" in sd
-    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
-    arch = f"vit_{DINOV2_WIDTHS[width]}_patch14{'_reg4' if reg else ''}_dinov2"
-    res = pick(patch)
-    model = timm.create_model(arch, pretrained=False, img_size=res, patch_size=patch, depth=depth, num_classes=0)
-    try:  # the filter converts the official layout and resamples the position embedding to res
-        model.load_state_dict(checkpoint_filter_fn({k: v for k, v in sd.items() if not k.startswith("head.")}, model))
-    except RuntimeError as e:
-        die(f"--vis-encoder {path} does not fit timm's {arch} of depth {depth} ({str(e).splitlines()[1].strip()})")
-    return model, (lambda x: model.forward_features(x)[:, model.num_prefix_tokens:]), res
-
-
 def vis_encoder(name, image_size, resolution, tokens, device):
     """(fn, res, T, D): fn maps normalised images (B, 3, res, res) to their T normalised patch tokens
     (B, T, D) without the class and register tokens; too few patch tokens for `tokens` is an error."""
@@ -153,32 +124,6 @@ def vis_encoder(name, image_size, resolution, tokens, device):
         die(f"--vis-tokens {tokens} is more than the {T} patch tokens --vis-encoder {name} gives at {res} px; use "
             f"--vis-tokens <= {T} or a larger --vis-resolution")
     return fn, res, T, int(D)
-
-
-def load_vis_encoder(name, image_size, resolution):
-    """(model, fn, res) of --vis-encoder at its resolution."""
-    def pick(patch):
-        res = resolution or patch * max(1, round(224 * image_size / 256 / patch))
-        if res % patch:
-            die(f"--vis-resolution {res} is not a multiple of the encoder's patch size {patch}")
-        return res
-
-    m = DINOV2.match(name)
-    if m and not os.path.exists(name):  # the same weights, as timm publishes them on the Hugging Face hub
-        name = f"vit_{DINOV2_SIZES[m[1] or m[4]]}_patch14{'_reg4' if m[2] or m[3] else ''}_dinov2.lvd142m"
-    if os.path.isfile(name):
-        return vit_from_file(name, pick)
-    import timm
-    try:  # any input size: the position embedding is resampled (bicubic, antialiased, as REPA) to the grid
-        model = from_hub(lambda: timm.create_model(name, pretrained=True, num_classes=0, dynamic_img_size=True),
-                         name, "--vis-encoder")
-    except Exception as e:  # noqa: BLE001
-        die(f"--vis-encoder {name}: not a file, a DINOv2 hub name (dinov2_vitb14) or a timm ViT with pretrained "
-            f"weights ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
-    if not hasattr(model, "patch_embed") or not hasattr(model, "num_prefix_tokens"):
-        die(f"--vis-encoder {name} is not a timm ViT with patch tokens")
-    res = pick(model.patch_embed.patch_size[0])
-    return model, (lambda x: model.forward_features(x)[:, model.num_prefix_tokens:]), res
 
 
 @torch.inference_mode()

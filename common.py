@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -619,6 +620,63 @@ def load_vae(name, device):
         die(f"--vae {name}: cannot load an AutoencoderKL ({type(e).__name__}: {str(e).splitlines()[0]}); "
             "give ema, mse, a diffusers hub id, a local directory, or none")
     return vae.to(device).eval().requires_grad_(False)
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# torch.hub's names (dinov2_vitb14, dinov2_vitb14_reg) and REPA's --enc-type (dinov2-vit-b, dinov2reg-vit-b)
+DINOV2 = re.compile(r"dinov2_vit([sblg])14(_reg)?$|dinov2(reg)?-vit-([sblg])$")
+DINOV2_WIDTHS = {384: "small", 768: "base", 1024: "large", 1536: "giant"}
+DINOV2_SIZES = {name[0]: name for name in DINOV2_WIDTHS.values()}                  # s, b, l, g
+
+
+def vit_from_file(path, pick, flag="--vis-encoder"):
+    """A DINOv2 .pth state dict (official or timm layout) in timm's architecture, at pick(patch) px."""
+    import timm
+    from timm.models.vision_transformer import checkpoint_filter_fn
+    sd = read_checkpoint(path, flag)
+    if not isinstance(sd, dict) or "patch_embed.proj.weight" not in sd:
+        die(f"{flag} {path} holds no ViT state dict (no patch_embed.proj.weight); give a DINOv2 checkpoint "
+            "(the official .pth or a timm vit_*_dinov2 state dict)")
+    width, _, patch, _ = sd["patch_embed.proj.weight"].shape
+    if width not in DINOV2_WIDTHS:
+        die(f"{flag} {path}: width {width} is none of DINOv2's {sorted(DINOV2_WIDTHS)}")
+    reg = "register_tokens" in sd or "reg_token" in sd
+    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    arch = f"vit_{DINOV2_WIDTHS[width]}_patch14{'_reg4' if reg else ''}_dinov2"
+    res = pick(patch)
+    model = timm.create_model(arch, pretrained=False, img_size=res, patch_size=patch, depth=depth, num_classes=0)
+    try:  # the filter converts the official layout and resamples the position embedding to res
+        model.load_state_dict(checkpoint_filter_fn({k: v for k, v in sd.items() if not k.startswith("head.")}, model))
+    except RuntimeError as e:
+        die(f"{flag} {path} does not fit timm's {arch} of depth {depth} ({str(e).splitlines()[1].strip()})")
+    return model, (lambda x: model.forward_features(x)[:, model.num_prefix_tokens:]), res
+
+
+def load_vis_encoder(name, image_size, resolution, flag="--vis-encoder"):
+    """(model, fn, res) of a DINOv2 or timm ViT (a file or a name; `flag` names it in errors) at its resolution:
+    `resolution`, else 224 * image_size / 256 rounded to a multiple of the patch size. fn gives the patch tokens."""
+    def pick(patch):
+        res = resolution or patch * max(1, round(224 * image_size / 256 / patch))
+        if res % patch:
+            die(f"--vis-resolution {res} is not a multiple of the encoder's patch size {patch}")
+        return res
+
+    m = DINOV2.match(name)
+    if m and not os.path.exists(name):  # the same weights, as timm publishes them on the Hugging Face hub
+        name = f"vit_{DINOV2_SIZES[m[1] or m[4]]}_patch14{'_reg4' if m[2] or m[3] else ''}_dinov2.lvd142m"
+    if os.path.isfile(name):
+        return vit_from_file(name, pick, flag)
+    import timm
+    try:  # any input size: the position embedding is resampled (bicubic, antialiased, as REPA) to the grid
+        model = from_hub(lambda: timm.create_model(name, pretrained=True, num_classes=0, dynamic_img_size=True),
+                         name, flag)
+    except Exception as e:  # noqa: BLE001
+        die(f"{flag} {name}: not a file, a DINOv2 hub name (dinov2_vitb14) or a timm ViT with pretrained "
+            f"weights ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+    if not hasattr(model, "patch_embed") or not hasattr(model, "num_prefix_tokens"):
+        die(f"{flag} {name} is not a timm ViT with patch tokens")
+    res = pick(model.patch_embed.patch_size[0])
+    return model, (lambda x: model.forward_features(x)[:, model.num_prefix_tokens:]), res
 
 
 # ----------------------------------------------------------------------------- checkpoints
