@@ -502,6 +502,7 @@ def unflipped(latents):
 
 # The extensions torchvision's ImageFolder accepts (compared case-insensitively).
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "F")  # PIL modes of one (gray) channel, alpha aside
 
 def find_images(root, flag="--data-path"):
     """(class_names, relative file paths, labels) in ImageFolder's order, or a clear error."""
