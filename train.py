@@ -5,8 +5,9 @@ full data or a condensed subset, with the same command.
 Reads  DIR/latents.npy, labels.npy, meta.json; DIR/vis.npy when present (REPA-style alignment
        of the tokens after block --encoder-depth to the stored visual features, weight
        --proj-coeff); DIR/text.pt with --text-cond (DC-Embedding).
-Writes RESULTS/checkpoints/0000100.pt ... (model, EMA, optimizer, step, args, the model config
-       and the dataset meta), RESULTS/log.txt.
+Writes RESULTS/checkpoints/0000100.pt ... (model, EMA, optimizer, step, args, the model config,
+       the dataset meta and ema_init_weight, the weight the EMA still gives the initial weights,
+       which sample.py checks), RESULTS/log.txt.
 Running the same command again continues from the newest readable checkpoint in RESULTS, exactly
 as an uninterrupted run would. Ctrl-C or SIGTERM (a cluster's preemption notice) finishes the
 current step on every rank, saves a checkpoint at it and stops; a second one stops at once.
@@ -26,9 +27,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (add_compile_flag, atomic_save, check_output, cleanup_distributed, compile_on, create_logger, die,
-                    item_seed, load_array, load_dataset, newest_checkpoint, parser, progress, quiet_worker, run,
-                    setup_distributed)
+from common import (add_compile_flag, add_precision_flag, atomic_save, check_output, cleanup_distributed, compile_on,
+                    create_logger, die, ema_decay_at, ema_init_weight, item_seed, load_array, load_dataset,
+                    newest_checkpoint, ema_of_checkpoint, parser, progress, quiet_worker, run, setup_distributed,
+                    use_bf16)
 from diffusion import DDPMSchedule, diffusion_loss, linear_betas, objective_of, projection_loss, sample_time
 from models import SIZES, DiT_models
 
@@ -94,15 +96,16 @@ def step_noise(objective, step, shape, device, lo=0, hi=None, *, global_seed=0, 
 def make_step(model, ema, opt, objective, *, net=None, bf16=False, proj_coeff=0.5, max_grad_norm=1.0,
               ema_decay=0.9999):
     """
-    train.py's optimisation step: returns step(x, y, vis, noise, t, drop) -> (L_diff, L_proj) as
-    detached device scalars (the step never waits on the device), after L_diff + proj_coeff * L_proj
-    (vis=None: no alignment) in bf16 autocast or fp32, backward, clipping, AdamW and the EMA
-    update. net is what to call (DDP-wrapped or compiled), model the bare network.
+    train.py's optimisation step: returns step(x, y, vis, noise, t, drop, decay=ema_decay) ->
+    (L_diff, L_proj) as detached device scalars (the step never waits on the device), after
+    L_diff + proj_coeff * L_proj (vis=None: no alignment) in bf16 autocast (fp32 weights, moments
+    and losses) or fp32, backward, clipping, AdamW and the EMA update with this step's decay. net
+    is what to call (DDP-wrapped or compiled), model the bare network.
     """
     net, schedule = model if net is None else net, DDPMSchedule(linear_betas())  # a compiled module has no truth value
     params, ema_params = list(model.parameters()), list(ema.parameters())
 
-    def step(x, y, vis, noise, t, drop):
+    def step(x, y, vis, noise, t, drop, decay=ema_decay):
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
             fwd = functools.partial(net, force_drop_ids=drop.long())
             loss_diff, zs = diffusion_loss(objective, fwd, x, y, t, noise, schedule)
@@ -115,9 +118,23 @@ def make_step(model, ema, opt, objective, *, net=None, bf16=False, proj_coeff=0.
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         opt.step()
         with torch.no_grad():
-            torch._foreach_lerp_(ema_params, params, 1 - ema_decay)
+            torch._foreach_lerp_(ema_params, params, 1 - decay)
         return loss_diff.detach(), loss_proj.detach()
     return step
+
+
+def warn_short_ema(args, logger, horizons=5):
+    """One warning line when a fixed EMA decay cannot forget the initial weights within --max-steps:
+    after n steps the EMA still gives them decay ** n, about exp(-5) < 1% after 5 horizons of
+    1 / (1 - decay) steps."""
+    horizon = 1 / (1 - args.ema_decay)
+    if args.ema_warmup or args.max_steps >= horizons * horizon:
+        return
+    left = ema_init_weight(args.max_steps, args.ema_decay)
+    logger.info(f"warning: --max-steps {args.max_steps} is shorter than {horizons} horizons of --ema-decay "
+                f"{args.ema_decay} ({horizons} x {horizon:.0f} = {horizons * horizon:.0f} steps): the EMA weights will "
+                f"still be {left:.0%} the initialisation and sample.py will refuse them; add --ema-warmup, lower "
+                f"--ema-decay (e.g. {max(0.0, 1 - horizons / args.max_steps):.4g}) or raise --max-steps")
 
 
 def default_encoder_depth(model_name):
@@ -147,6 +164,8 @@ def check_inputs(args, world):
             f"multiple of {world}")
     if min(args.max_steps, args.log_every, args.ckpt_every) < 1:
         die("--max-steps, --log-every and --ckpt-every must be positive")
+    if not 0 <= args.ema_decay < 1:
+        die(f"--ema-decay {args.ema_decay}: use a decay in [0, 1), e.g. 0.9999 (the paper's) or 0.999 for short runs")
     check_output(args.results_dir, [args.data_path], "--results-dir")
     latents, labels, meta = load_dataset(args.data_path)
     vis, vis_path = None, os.path.join(args.data_path, "vis.npy")
@@ -252,13 +271,17 @@ def main(args):
         opt.load_state_dict(ckpt["opt"])
     net = DDP(model, device_ids=[device.index] if cuda else None) if dist.is_initialized() else model
     net = torch.compile(net) if compile_on(args, device) else net
-    train_step = make_step(model, ema, opt, objective_of(args.model), net=net, bf16=cuda and args.precision == "bf16",
-                           proj_coeff=args.proj_coeff, max_grad_norm=args.max_grad_norm, ema_decay=args.ema_decay)
     logger = create_logger(args.results_dir, rank)
+    bf16 = use_bf16(args.precision, device, log=logger.info)
+    train_step = make_step(model, ema, opt, objective_of(args.model), net=net, bf16=bf16,
+                           proj_coeff=args.proj_coeff, max_grad_norm=args.max_grad_norm, ema_decay=args.ema_decay)
+    # the weight the EMA still gives the initial weights: sample.py refuses an EMA that is mostly initialisation
+    init_weight = 1.0 if ckpt is None else ema_of_checkpoint(ckpt)["init_weight"]
     logger.info(f"{args.model} on {args.data_path}: {len(labels)} images, latents {tuple(latents.shape[1:])}, "
                 f"{sum(p.numel() for p in model.parameters()):,} parameters, vis={vis is not None}, "
-                f"text={text is not None}, {world} ranks, compile={compile_on(args, device)}"
-                + (f"; resumed from {resume} at step {step}" if resume else ""))
+                f"text={text is not None}, {world} ranks, compile={compile_on(args, device)}, "
+                f"{'bf16 autocast' if bf16 else 'fp32'}" + (f"; resumed from {resume} at step {step}" if resume else ""))
+    warn_short_ema(args, logger)
 
     data = StepBatches(args.data_path, vis is not None, labels, args.global_batch_size, rank, world, args.global_seed)
     loader = torch.utils.data.DataLoader(data, batch_size=None, sampler=range(step, args.max_steps), pin_memory=cuda,
@@ -272,7 +295,9 @@ def main(args):
     for batch in progress(loader, rank=rank, initial=step, total=args.max_steps):
         x, y, *v = (b.to(device, non_blocking=True) for b in batch)
         noise, t, drop = step_noise(objective_of(args.model), step, shape, device, data.lo, data.hi, **noise_args)
-        run_loss += torch.stack(train_step(x, y, v[0] if v else None, noise, t, drop))
+        decay = ema_decay_at(step, args.ema_decay, args.ema_warmup)
+        run_loss += torch.stack(train_step(x, y, v[0] if v else None, noise, t, drop, decay))
+        init_weight *= decay
         step, log_steps = step + 1, log_steps + 1
         stopped = requested()
         if step % args.log_every == 0 or step % args.ckpt_every == 0 or step == args.max_steps or stopped:
@@ -282,11 +307,13 @@ def main(args):
             if not all(np.isfinite(avg)):
                 die(f"loss became {avg[0]} (non-finite) before step {step}; the last good checkpoint is "
                     f"{resume or 'none'}: lower --lr or check the data")
-            logger.info(f"step {step:07d} loss {avg[0]:.4f} proj {avg[1]:.4f} steps/s {log_steps / (time.time() - t0):.2f} "
+            logger.info(f"step {step:07d} loss {avg[0]:.4f}" + (f" proj {avg[1]:.4f}" if vis is not None else "")
+                        + f" steps/s {log_steps / (time.time() - t0):.2f} "
                         f"img/s {log_steps * args.global_batch_size / (time.time() - t0):.1f}")
             if writer:
                 writer.add_scalar("loss", avg[0], step)
-                writer.add_scalar("proj_loss", avg[1], step)
+                if vis is not None:
+                    writer.add_scalar("proj_loss", avg[1], step)
             run_loss.zero_()
             log_steps, t0 = 0, time.time()
         if step % args.ckpt_every == 0 or step == args.max_steps or stopped:
@@ -295,7 +322,7 @@ def main(args):
                 os.makedirs(os.path.dirname(resume), exist_ok=True)
                 atomic_save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                              "args": vars(args), "step": step, "config": {"model": args.model, "kwargs": kwargs},
-                             "meta": meta}, resume)
+                             "meta": meta, "ema_init_weight": init_weight}, resume)
                 logger.info(f"saved {resume}")
         if stopped or step >= args.max_steps:
             break
@@ -316,7 +343,11 @@ def get_parser():
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate, constant")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm (0 disables clipping)")
-    p.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay per step")
+    p.add_argument("--ema-decay", type=float, default=0.9999,
+                   help="EMA decay per step, fixed as in DiT/SiT/REPA (it averages over ~1 / (1 - decay) steps)")
+    p.add_argument("--ema-warmup", action="store_true",
+                   help="the usual EMA warm-up for short runs: decay min(--ema-decay, (1 + s) / (10 + s)) at step s "
+                        "(default off: the fixed decay of the paper's runs)")
     p.add_argument("--class-dropout-prob", type=float, default=0.1, help="label dropout for classifier-free guidance")
     p.add_argument("--learn-sigma", action=argparse.BooleanOptionalAction, default=None,
                    help="learned variance (default: on for DiT, off for SiT)")
@@ -329,7 +360,7 @@ def get_parser():
                    help="align to DIR/vis.npy when present (--no-vis ignores it)")
     p.add_argument("--text-cond", action="store_true", help="DC-Embedding from DIR/text.pt")
     add_compile_flag(p)
-    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="autocast on CUDA; CPU is always fp32")
+    add_precision_flag(p)
     p.add_argument("--activation-memory-budget", type=float, default=1.0,
                    help="with --compile, a fraction in (0, 1] of the activations to keep for backward; lower "
                         "recomputes more to fit a larger batch (bench.py --only memory measures the need)")

@@ -129,7 +129,81 @@ def test_bf16_autocast_step_keeps_fp32_weights_and_ema_and_matches_the_fp32_loss
     torch.testing.assert_close(bf16, fp32, rtol=0.03, atol=1e-3)
 
 
+def test_precision_auto_is_bf16_on_cuda_only_and_bf16_on_a_cpu_without_native_bf16_stays_fp32_saying_so(monkeypatch):
+    import common
+    said = []
+    for native in (True, False):
+        monkeypatch.setattr(common, "cpu_has_bf16", lambda: native)
+        assert common.use_bf16("auto", "cpu", said.append) is False
+        assert common.use_bf16("fp32", "cuda", said.append) is False
+        assert common.use_bf16("auto", "cuda", said.append) is True
+        assert common.use_bf16("bf16", "cuda", said.append) is True
+        assert common.use_bf16("bf16", "cpu", said.append) is native
+    assert len(said) == 1 and "stays fp32" not in said[0] and "running in fp32" in said[0]
+
+
+# ----------------------------------------------------------------------------- EMA
+
+def scalar_ema(steps, decay_of_step):
+    """An EMA of a scalar run by hand: starts at the initial value 1, then follows weights that are 0,
+    so what is left after `steps` steps is the weight it still gives the initialisation."""
+    ema = 1.0
+    for s in range(steps):
+        d = decay_of_step(s)
+        ema = d * ema + (1 - d) * 0.0
+    return ema
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.5, 0.9, 0.999, 0.9999])
+@pytest.mark.parametrize("steps", [0, 1, 7, 20, 400, 30_000])
+def test_ema_weight_on_the_initialisation_in_closed_form_equals_a_scalar_ema_run_by_hand(decay, steps):
+    from common import ema_decay_at, ema_init_weight
+    assert ema_init_weight(steps, decay) == pytest.approx(scalar_ema(steps, lambda s: decay), rel=1e-9, abs=1e-300)
+    warm = lambda s: min(decay, (1 + s) / (10 + s))  # noqa: E731 (the warm-up as --ema-warmup's help states it)
+    assert [ema_decay_at(s, decay, True) for s in range(50)] == [warm(s) for s in range(50)]
+    assert ema_init_weight(steps, decay, True) == pytest.approx(scalar_ema(steps, warm), rel=1e-9, abs=1e-300)
+
+
+def test_a_run_shorter_than_five_ema_horizons_warns_once_and_its_checkpoints_carry_the_ema_weight(tmp_path):
+    data = make_dataset(tmp_path / "data", vis_tokens=0, text=False)
+    args = ("--model", "SiT-T/4", "--max-steps", 4, "--ckpt-every", 2, "--ema-decay", 0.999)
+    r = train(data, tmp_path / "fixed", *args)
+    warnings = [line for line in r.stdout.splitlines() if "warning:" in line]
+    assert len(warnings) == 1 and "--max-steps 4 is shorter than 5 horizons of --ema-decay 0.999" in warnings[0]
+    assert "--ema-warmup" in warnings[0] and "proj" not in r.stdout  # no alignment: no proj field
+    assert load(tmp_path / "fixed", 4)["ema_init_weight"] == pytest.approx(0.999 ** 4)
+    r = train(data, tmp_path / "warm", *args, "--ema-warmup", "--max-steps", 2)
+    assert "warning:" not in r.stdout
+    train(data, tmp_path / "warm", *args, "--ema-warmup")  # resumed at step 2: the product goes on
+    assert load(tmp_path / "warm", 4)["ema_init_weight"] == pytest.approx(1 / 10 * 2 / 11 * 3 / 12 * 4 / 13)
+    # 5 horizons of decay 0.1 are 5.6 steps
+    assert "warning:" not in train(data, tmp_path / "long", *args, "--ema-decay", 0.1, "--max-steps", 6).stdout
+
+
 # ----------------------------------------------------------------------------- the script
+
+def logged_losses(stdout):
+    return [float(line.split(" loss ")[1].split()[0]) for line in stdout.splitlines() if " loss " in line]
+
+
+@pytest.mark.skipif(not __import__("common").cpu_has_bf16(),
+                    reason="this CPU has no native bf16 (no avx512_bf16 / amx_bf16 flag): --precision bf16 stays fp32")
+def test_precision_bf16_on_a_cpu_with_native_bf16_trains_in_autocast_with_fp32_weights_ema_and_moments(tmp_path):
+    data = make_dataset(tmp_path / "data", vis_tokens=0, text=False)
+    args = ("--model", "SiT-T/4", "--max-steps", 4, "--ckpt-every", 4, "--log-every", 1, "--lr", 1e-2)
+    runs = {p: train(data, tmp_path / p, *args, "--precision", p) for p in ("fp32", "bf16", "auto")}
+    assert "bf16 autocast" in runs["bf16"].stdout and "bf16 autocast" not in runs["fp32"].stdout + runs["auto"].stdout
+    ck = {p: load(tmp_path / p, 4) for p in runs}
+    states = [*ck["bf16"]["model"].values(), *ck["bf16"]["ema"].values(),
+              *(s for st in ck["bf16"]["opt"]["state"].values() for k, s in st.items() if k != "step")]
+    assert all(s.dtype == torch.float32 for s in states if s.is_floating_point())
+    w = "blocks.0.attn.qkv.weight"
+    assert torch.equal(ck["auto"]["model"][w], ck["fp32"]["model"][w])     # auto is fp32 on CPU
+    assert not torch.equal(ck["bf16"]["model"][w], ck["fp32"]["model"][w])  # bf16 really ran
+    fp32, bf16 = logged_losses(runs["fp32"].stdout), logged_losses(runs["bf16"].stdout)
+    assert len(fp32) == len(bf16) == 4 and fp32 != bf16
+    np.testing.assert_allclose(bf16, fp32, rtol=0.03)
+
 
 def make_dataset(path, n=24, classes=3, flips=True, vis_tokens=4, text=True, size=8):
     os.makedirs(path, exist_ok=True)
@@ -195,7 +269,7 @@ def test_checkpoint_carries_class_text_and_dataset_meta(tmp_path):
     text = torch.load(os.path.join(data, "text.pt"))
     assert torch.equal(ck["ema"]["y_embedder.text_emb"], text["emb"])
     assert ck["meta"]["num_classes"] == 3 and ck["config"]["model"] == "SiT-T/4"
-    assert set(ck) == {"model", "ema", "opt", "args", "step", "config", "meta"}
+    assert set(ck) == {"model", "ema", "opt", "args", "step", "config", "meta", "ema_init_weight"}
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_last_good_checkpoint(tmp_path):
