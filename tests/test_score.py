@@ -96,15 +96,103 @@ def fresh(base, name, **over):
 def test_draws_follow_the_documented_recipe_and_are_stratified():
     for index, seed in ((0, 0), (7, 3)):
         t, noise = score.draws(index, 5, (C, S, S), "ddpm", seed)
-        g = torch.Generator().manual_seed(seed * 1_000_003 + index)
+        g = torch.Generator().manual_seed(score.draw_seed(seed, index))
         u = torch.rand(5, generator=g, dtype=torch.float64)
-        assert torch.equal(noise, torch.randn(5, C, S, S, generator=g))
+        assert torch.equal(noise, torch.randn(5, 1, C, S, S, generator=g).reshape(5, C, S, S))
         assert t.dtype == torch.int64 and t.tolist() == [int((j + u[j].item()) * 1000 / 5) for j in range(5)]
         assert all(200 * j <= t[j] < 200 * (j + 1) for j in range(5))
         ts, noise_s = score.draws(index, 5, (C, S, S), "sit", seed)
         assert torch.equal(noise_s, noise)
         assert torch.allclose(ts.double(), (torch.arange(5) + u) / 5)
     assert not torch.equal(score.draws(1, 5, (C, S, S), "ddpm")[1], score.draws(2, 5, (C, S, S), "ddpm")[1])
+
+
+def test_antithetic_noises_and_extra_draws_share_their_stratum_time_and_the_t_range_is_respected():
+    t, noise = score.draws(3, 4, (C, S, S), "sit", 0, noises=2, antithetic=True, t_range=(0.2, 0.6))
+    assert t.shape == (16,) and noise.shape == (16, C, S, S)
+    for j in range(4):  # rows 4j .. 4j+3: noises a, b, -a, -b at one time inside stratum j of [0.2, 0.6)
+        rows = slice(4 * j, 4 * j + 4)
+        assert len(set(t[rows].tolist())) == 1 and 0.2 + 0.1 * j <= t[4 * j] < 0.2 + 0.1 * (j + 1)
+        assert torch.equal(noise[4 * j + 2], -noise[4 * j]) and torch.equal(noise[4 * j + 3], -noise[4 * j + 1])
+        assert not torch.equal(noise[4 * j], noise[4 * j + 1])
+
+
+def test_two_global_seeds_never_share_a_draw():
+    # seed * 1_000_003 + index would give seed 1's image i the draws of seed 0's image i + 1_000_003
+    seeds = {score.draw_seed(g, i) for g in range(5) for i in [None, *range(0, 3000), 1_000_003, 2_000_006]}
+    assert len(seeds) == 5 * 3003
+    for index in (None, 0, 5):
+        a, b = (score.draws(index, 4, (C, S, S), "sit", g)[1] for g in (0, 1))
+        assert not torch.equal(a, b)
+        r = np.corrcoef(a.flatten().numpy(), b.flatten().numpy())[0, 1]
+        assert abs(r) < 4 / np.sqrt(a.numel())  # 4 standard errors of independent draws' correlation
+
+
+def test_spearman_within_class_and_spearman_brown_match_hand_computed_values():
+    # class 0: ranks (1 2 3 4) vs (1 3 2 4): 1 - 6*2/(4*15) = 0.8; class 1: (3 1 2) vs (1 2 3):
+    # d = (2, -1, -1), 1 - 6*6/(3*8) = -0.5; class 2 has 2 images: left out. Mean 0.15.
+    a = np.array([10, 20, 30, 40, 3, 1, 2, 5, 6], dtype=np.float64)
+    b = np.array([1, 3, 2, 4, 10, 20, 30, 6, 5], dtype=np.float64)
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2])
+    assert score.spearman_within_class(a, b, labels) == pytest.approx(0.15, abs=1e-12)
+    assert score.spearman_brown(0.15) == pytest.approx(2 * 0.15 / 1.15, abs=1e-12)
+    assert score.spearman_brown(0.5, factor=4) == pytest.approx(4 * 0.5 / (1 + 3 * 0.5))
+    # ties take average ranks, as scipy's spearmanr
+    from scipy.stats import spearmanr
+    x, y = np.array([1.0, 1.0, 2.0, 3.0, 3.0, 5.0]), np.array([2.0, 1.0, 1.0, 4.0, 3.0, 3.0])
+    assert score.spearman_within_class(x, y, np.zeros(6, int)) == pytest.approx(spearmanr(x, y)[0], abs=1e-12)
+
+
+class GaussianVelocity(torch.nn.Module):
+    """The exact velocity E[eps - x | x_t] for data x ~ N(0, s2 I) and x_t = (1 - t) x + t eps."""
+
+    def __init__(self, s2):
+        super().__init__()
+        self.s2 = s2
+
+    def forward(self, xt, t, y):
+        t = t.view(-1, 1, 1, 1).double()
+        return ((t - (1 - t) * self.s2) / ((1 - t) ** 2 * self.s2 + t ** 2) * xt).float()
+
+
+def gaussian_score(x, s2, n=200_000):
+    """The exact expected score of image x: the mean over t in [0, 1) (midpoints) of
+    E_eps |eps - x - a(t) x_t|^2 / D = (1 - a t)^2 + (1 + a (1 - t))^2 |x|^2 / D."""
+    t = (np.arange(n) + 0.5) / n
+    a = (t - (1 - t) * s2) / ((1 - t) ** 2 * s2 + t ** 2)
+    return float(np.mean((1 - a * t) ** 2 + (1 + a * (1 - t)) ** 2 * float((x.double() ** 2).mean())))
+
+
+def test_shared_antithetic_draws_keep_the_mean_and_cut_the_variance_of_a_gaussian_denoisers_score():
+    # Under the exact denoiser the loss is |(1 - a t) eps - (1 + a (1 - t)) x|^2 / D: its cross term
+    # <eps, x> is what makes one image's estimate noisy (antithetic pairs cancel it exactly), and
+    # different draws per image add noise to a difference of two images that shared draws remove.
+    s2, T, reps = 0.5, 4, 300
+    net, sched = GaussianVelocity(s2), DDPMSchedule(linear_betas())
+    # images 0 and 1 have the same norm (equally hard for this denoiser), image 2 another one
+    checker = (torch.arange(C * S * S) % 2 * 2 - 1).float().view(C, S, S)
+    x = torch.stack([torch.full((C, S, S), 0.6), 0.6 * checker, torch.linspace(-1.2, 1.2, C * S * S).view(C, S, S)])
+    exact = [gaussian_score(xi, s2) for xi in x]
+
+    def estimates(antithetic, shared):
+        out = np.zeros((reps, 3))
+        for g in range(reps):
+            d = [score.draws(None if shared else i, T, (C, S, S), "sit", g, antithetic=antithetic) for i in range(3)]
+            t, noise = torch.stack([e[0] for e in d]), torch.stack([e[1] for e in d])
+            with torch.no_grad():
+                out[g] = score.score_batch(net, "sit", sched, x, torch.zeros(3, dtype=torch.long), t, noise).mean(1)
+        return out
+    plain, shared, both = estimates(False, False), estimates(False, True), estimates(True, True)
+    for est in (plain, shared, both):  # unbiased: the mean over draws is the exact expectation
+        se = est.std(0, ddof=1) / np.sqrt(reps)
+        assert np.all(np.abs(est.mean(0) - exact) < 4 * se + 1e-4), (est.mean(0), exact)
+    # what a ranking depends on: the difference of two images' scores. Shared draws remove the
+    # draws' own difference; antithetic pairs then remove the cross term, the only part left
+    # between two images of equal norm.
+    var = [(e[:, 0] - e[:, 1]).var() for e in (plain, shared, both)]
+    assert var[1] < 0.5 * var[0] and var[2] < 1e-6 * var[1], var
+    var02 = [(e[:, 0] - e[:, 2]).var() for e in (plain, shared, both)]
+    assert var02[1] < 0.5 * var02[0] and var02[2] < var02[1], var02
 
 
 def ddpm_reference(net, x, y, t, noise):
@@ -119,17 +207,44 @@ def ddpm_reference(net, x, y, t, noise):
 
 def test_scores_equal_the_epsilon_loss_of_the_ema_weights_computed_directly(base):
     # float tolerance only: the reference runs the network on T rows, the script on B*T rows
-    for i in (0, 5, 11):
+    for i in (0, 5, 11):  # the default: draws shared by every image, antithetic
         x = torch.from_numpy(base["latents"][i].astype(np.float32))
-        t, noise = score.draws(i, T, (C, S, S), "ddpm", 0)
+        t, noise = score.draws(None, T, (C, S, S), "ddpm", 0, antithetic=True)
         want = ddpm_reference(base["ema"], x, int(base["labels"][i]), t, noise)
         assert base["ref"][i] == pytest.approx(want, rel=1e-5)
     assert base["ref"].dtype == np.float32 and base["ref"].shape == (N,)
     with open(os.path.join(base["data"], "scores.json")) as f:
         info = json.load(f)
     assert info["request"]["num_timesteps"] == T and info["objective"] == "ddpm"
+    assert info["request"]["draws"] == "shared" and info["request"]["antithetic"] and info["forwards_per_image"] == 2 * T
     assert not os.path.exists(os.path.join(base["data"], "scores.partial"))
     assert "images/s" in open(os.path.join(base["data"], "score_log.txt")).read()
+
+
+def test_scores_json_holds_the_split_half_reliability_of_the_even_and_odd_strata(base):
+    # half A: strata 0, 2; half B: strata 1, 3 (each stratum's two antithetic rows in its half)
+    from scipy.stats import spearmanr
+    t, noise = score.draws(None, T, (C, S, S), "ddpm", 0, antithetic=True)
+    rows = [np.flatnonzero(np.arange(2 * T) // 2 % 2 == h) for h in (0, 1)]
+    halves = np.array([[ddpm_reference(base["ema"], torch.from_numpy(base["latents"][i].astype(np.float32)),
+                                       int(base["labels"][i]), t[r], noise[r]) for r in rows] for i in range(N)])
+    r = np.mean([spearmanr(halves[base["labels"] == c, 0], halves[base["labels"] == c, 1])[0] for c in range(K)])
+    with open(os.path.join(base["data"], "scores.json")) as f:
+        rel = json.load(f)["reliability"]
+    assert rel["classes"] == K
+    assert rel["split_half_spearman"] == pytest.approx(r, abs=1e-9)
+    assert rel["spearman_brown"] == pytest.approx(2 * r / (1 + r), abs=1e-9)
+    assert "ranking reliability" in open(os.path.join(base["data"], "score_log.txt")).read()
+
+
+def test_out_writes_a_second_scoring_beside_the_first_with_its_own_settings(base):
+    data = fresh(base, "retest")
+    main(cli(data, base["ckpt"], "--out", os.path.join(data, "scores_seed1.npy"), "--global-seed", 1))
+    with open(os.path.join(data, "scores_seed1.json")) as f:
+        assert json.load(f)["request"]["global_seed"] == 1
+    other = np.load(os.path.join(data, "scores_seed1.npy"))
+    assert other.shape == (N,) and not np.array_equal(other, base["ref"])  # other draws
+    assert not os.path.exists(os.path.join(data, "scores.npy"))
 
 
 def sit_reference(net, x, y, t, noise, reverse=False):
@@ -171,7 +286,7 @@ def test_each_checkpoint_format_is_scored_with_its_own_loss_and_time(tmp_path, m
     drawn = [score.draws(i, T, (C, S, S), objective) for i in range(3)]
     t, noise = torch.stack([d[0] for d in drawn]), torch.stack([d[1] for d in drawn])
     with torch.no_grad():
-        got = score.score_batch(model, objective, DDPMSchedule(linear_betas()), x, y, t, noise)
+        got = score.score_batch(model, objective, DDPMSchedule(linear_betas()), x, y, t, noise).mean(1)
     for i in range(3):
         if objective == "ddpm":
             want = ddpm_reference(net, x[i], int(y[i]), t[i], noise[i])
