@@ -8,14 +8,19 @@ Reads:  --ckpt, a train.py checkpoint (network config, EMA weights and dataset m
 Writes: DIR/000000.png ... one PNG per sample index, DIR/request.json (what the samples depend on)
         and DIR/log.txt; DIR.npz (arr_0 uint8 (N, H, W, 3) in index order for the ADM evaluator,
         labels = the class asked for by each sample); DIR_grid.png, the first --grid samples
-        (small images upscaled to at least 256 px wide). DIR is built in DIR.partial and renamed
+        (small images upscaled to at least 256 px wide). A grayscale dataset (meta.json channels
+        1) gives grayscale ("L") PNGs and grid; its arr_0 stays (N, H, W, 3), three equal
+        channels, the format the ADM evaluator reads. DIR is built in DIR.partial and renamed
         when complete; a killed job keeps its finished chunks there: run the same command again
         (any number of processes). A DIR made with other settings is refused (--overwrite).
 Sample i depends only on --global-seed, i and the settings, not on the number of processes
 or the batch size: its label, initial noise and every stochastic step's noise come from its
 own generator, seeded with common.item_seed(global_seed, i).
 On CUDA the network runs compiled in bf16 autocast; --precision fp32 samples in fp32 with TF32
-matmuls, as the public DiT/SiT/REPA sampling scripts do.
+matmuls, as the public DiT/SiT/REPA sampling scripts do. On CPU fp32, or bf16 autocast with
+--precision bf16 where the CPU has native bf16.
+The EMA weights of a train.py checkpoint are refused while they still give the initial weights
+more than 1% (a short run with a fixed --ema-decay): they would sample noise.
 
     torchrun --nproc_per_node=8 sample.py --ckpt results/dit-l2-d2c10k/checkpoints/0100000.pt \\
         --num-fid-samples 50000 --cfg-scale 1.5 --sample-dir samples/dit-l2-d2c10k
@@ -31,9 +36,9 @@ import torch
 from PIL import Image
 
 import diffusion
-from common import (Output, add_compile_flag, add_time_convention_flag, atomic_write, check_output,
-                    cleanup_distributed, compile_on, create_logger, die, item_seed, load_model,
-                    load_vae, parser, progress, run, setup_distributed)
+from common import (Output, add_compile_flag, add_precision_flag, add_time_convention_flag, atomic_write,
+                    check_output, cleanup_distributed, compile_on, create_logger, die, item_seed, load_model,
+                    load_vae, parser, progress, run, setup_distributed, use_bf16)
 
 
 def class_balanced_labels(n, num_classes, global_seed):
@@ -69,22 +74,33 @@ ROUNDING = {
 }
 
 
-def to_uint8(x, vae, latent_scale, rounding="floor"):
-    """Latents (or [-1, 1] pixels without a VAE) -> uint8 (N, H, W, 3)."""
+# ITU-R 601 luma, PIL's "L": what encode.py made of a grayscale image, and so what a VAE's RGB goes back to
+LUMA = (0.299, 0.587, 0.114)
+
+
+def to_uint8(x, vae, latent_scale, rounding="floor", gray=False):
+    """Latents (or [-1, 1] pixels without a VAE) -> uint8 (N, H, W, C): C = 1 for a pixel model of one
+    channel, or with gray the luma of the VAE's RGB; else 3."""
     if vae is not None:
-        x = vae.decode(x / latent_scale).sample
+        x = vae.decode(x / latent_scale).sample.float()
+        if gray:
+            x = sum(w * c for w, c in zip(LUMA, x.unbind(1)))[:, None]
     return ROUNDING[rounding](x.float()).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def save_png(image, path):
+    """uint8 (H, W, 3) as RGB, (H, W, 1) as grayscale ("L")."""
+    image = image[..., 0] if image.shape[-1] == 1 else image
     atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
 
 
-def save_grid(images, path, min_width=256):
-    """A square-ish grid of the images, upscaled (nearest) to at least min_width pixels wide."""
+def save_grid(images, path, min_width=256, gray=False):
+    """A square-ish grid of the images (N, H, W, 3), upscaled (nearest) to at least min_width pixels wide;
+    with gray a grayscale PNG of the first channel."""
     k, (h, w) = len(images), images.shape[1:3]
+    images = images[..., :1] if gray else images
     cols = math.ceil(math.sqrt(k))
-    grid = np.zeros((math.ceil(k / cols) * h, cols * w, 3), np.uint8)
+    grid = np.zeros((math.ceil(k / cols) * h, cols * w, images.shape[-1]), np.uint8)
     for j, im in enumerate(images):
         r, c = divmod(j, cols)
         grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = im
@@ -93,7 +109,8 @@ def save_grid(images, path, min_width=256):
 
 
 def build_npz(folder, n, labels, path):
-    """Stack folder/000000.png ... into path (arr_0 uint8 NHWC and the requested `labels`)."""
+    """Stack folder/000000.png ... into path (arr_0 uint8 NHWC and the requested `labels`); grayscale
+    PNGs become three equal channels."""
     first = np.asarray(Image.open(f"{folder}/{0:06d}.png").convert("RGB"))
     arr = np.empty((n, *first.shape), np.uint8)
     for i in progress(range(n), desc="npz", leave=False):
@@ -104,6 +121,17 @@ def build_npz(folder, n, labels, path):
             np.savez(fh, arr_0=arr, labels=labels)
     atomic_write(path, write)
     return arr
+
+
+def check_ema(info, args, limit=0.01):
+    """Refuse EMA weights that are still mostly the initialisation: sampling them gives noise."""
+    ema = info["ema"]
+    if not args.ema or ema is None or ema["init_weight"] is None or ema["init_weight"] <= limit:
+        return
+    how = f"--ema-decay {ema['decay']}{' with --ema-warmup' if ema['warmup'] else ''} after {ema['step']} steps"
+    die(f"--ckpt {args.ckpt}: its EMA weights are still {ema['init_weight']:.1%} the initialisation ({how}; "
+        f"more than {limit:.0%}): train longer (a fixed decay forgets the start after ~5 / (1 - decay) steps), "
+        "retrain with train.py --ema-warmup, or sample the raw weights with --no-ema")
 
 
 def check_args(args):
@@ -140,15 +168,16 @@ def decoder(args, meta, C, size, device):
     """(VAE or None, latent scale, image size) for the model's C x size x size outputs."""
     vae = load_vae(args.vae, device)
     if vae is None:
-        if C != 3:
-            die(f"--vae none needs a 3-channel pixel model, but the model has {C} input channels; pass --vae")
+        if C not in (1, 3):
+            die(f"--vae none needs a pixel model of 1 (grayscale) or 3 (RGB) channels, but the model has {C} input "
+                "channels; pass --vae")
         return None, 1.0, size
     if vae.config.latent_channels != C:
         die(f"--vae {args.vae} has {vae.config.latent_channels} latent channels but the model takes {C}")
     return vae, meta.get("latent_scale", 0.18215), size * 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def sample_batch(net, sampler, idx, shape, num_classes, balanced, args, device, pad_to=None):
+def sample_batch(net, sampler, idx, shape, num_classes, balanced, args, device, pad_to=None, bf16=False):
     """Samples (len(idx), *shape) of the indices; with pad_to, padded rows keep the compiled shape."""
     gens, y, z = draw_batch(idx, shape, num_classes, args.global_seed, balanced)
     B = len(idx)
@@ -170,7 +199,7 @@ def sample_batch(net, sampler, idx, shape, num_classes, balanced, args, device, 
         kw["spacing"] = args.timestep_respacing
     if sampler == "ddim":
         kw["eta"] = args.eta
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda and args.precision == "bf16"):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         return diffusion.SAMPLERS[sampler](f, z.to(device), args.num_steps, **kw)[:B]
 
 
@@ -182,12 +211,14 @@ def main(args):
         check_output(path, [args.ckpt], "--sample-dir")
     rank, world, device = setup_distributed()
     model, info = load_model(args.ckpt, args.model, use_ema=args.ema, device=device, time_conv=args.time_convention)
+    check_ema(info, args)
     meta = info["meta"] or {}
+    bf16 = use_bf16(args.precision, device, log=print if rank == 0 else lambda _: None)
     num_classes, C, size = model.num_classes, model.in_channels, info["config"]["input_size"]
     sampler, steps_used = pick_sampler(args, info, num_classes, C)
     args.vae = args.vae or ("none" if meta.get("vae") == "none" else meta.get("vae_id") or meta.get("vae") or "ema")
     request = dict(ckpt=os.path.abspath(args.ckpt), model=info["model"], sampler=sampler,
-                   reverse_time=info["reverse_time"], precision=args.precision if device.type == "cuda" else "fp32",
+                   reverse_time=info["reverse_time"], precision="bf16" if bf16 else "fp32",
                    **{k: getattr(args, k) for k in ("ema", "vae", "num_steps", "timestep_respacing", "eta", "cfg_scale",
                                                     "guidance_low", "guidance_high", "cfg_channels", "global_seed",
                                                     "class_balanced", "num_fid_samples", "rounding")})
@@ -200,6 +231,7 @@ def main(args):
         return cleanup_distributed()
 
     vae, latent_scale, image_size = decoder(args, meta, C, size, device)
+    gray = meta.get("channels", C) == 1  # a grayscale dataset, in pixels or through a VAE as RGB
     net = diffusion.ReverseTime(model) if info["reverse_time"] else model
     compiled = compile_on(args, device)
     if compiled:
@@ -208,7 +240,8 @@ def main(args):
     logger = create_logger(out.partial, rank, name="sample")
     logger.info(f"{info['model']} ({'EMA' if args.ema else 'raw'} weights) from {args.ckpt}; sampler {sampler}, "
                 f"{steps_used} steps, cfg {args.cfg_scale} on {args.cfg_channels or 'all'} channels for t in "
-                f"[{args.guidance_low}, {args.guidance_high}]; vae {args.vae}, {image_size}px; "
+                f"[{args.guidance_low}, {args.guidance_high}]; vae {args.vae}, {image_size}px"
+                f"{' grayscale' if gray else ''}, {'bf16 autocast' if bf16 else 'fp32'}; "
                 f"{out.summary('samples')} on {world} process(es)")
 
     # PNG encoding (~14 ms per 256 px image on one core) would otherwise leave the GPU idle
@@ -216,8 +249,8 @@ def main(args):
     with progress(total=out.remaining(), rank=rank, unit="img", desc="sample") as bar:
         for idx in out.batches(args.per_proc_batch_size):
             x = sample_batch(net, sampler, idx, (C, size, size), num_classes, balanced, args, device,
-                             args.per_proc_batch_size if compiled else None)
-            images = to_uint8(x, vae, latent_scale, args.rounding)
+                             args.per_proc_batch_size if compiled else None, bf16)
+            images = to_uint8(x, vae, latent_scale, args.rounding, gray)
             for rows, jobs in writing:  # the previous batch's PNGs were encoded while this batch was sampled
                 [job.result() for job in jobs]
                 out.written(rows)
@@ -236,7 +269,7 @@ def main(args):
         arr = build_npz(out.partial, n, requested_labels(n, num_classes, args.global_seed, balanced), out_dir + ".npz")
         logger.info(f"wrote {out_dir}.npz, arr_0 {arr.shape} uint8")
         if args.grid:
-            save_grid(arr[:args.grid], f"{out_dir}_grid.png")
+            save_grid(arr[:args.grid], f"{out_dir}_grid.png", gray=gray)
             logger.info(f"wrote {out_dir}_grid.png")
         out.commit(logger)
     cleanup_distributed()
@@ -278,9 +311,7 @@ def get_parser():
     p.add_argument("--chunk-size", type=int, default=256,
                    help="samples per resumable unit of work (a killed run loses at most one chunk per process)")
     add_compile_flag(p)
-    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
-                   help="network precision on CUDA: bf16 autocast, or fp32 with TF32 matmuls as the public "
-                        "DiT/SiT/REPA sampling scripts (CPU is always fp32)")
+    add_precision_flag(p)
     p.add_argument("--overwrite", action="store_true", help="replace a DIR made with other settings")
     p.add_argument("--stop-after-chunks", type=int, default=None,
                    help="for testing resumption only: stop (exit status 1) after each process finished this many "

@@ -341,6 +341,72 @@ def test_a_stopped_run_makes_only_the_missing_chunks_and_a_finished_one_nothing(
     assert "already complete" in cli(*args).stdout
 
 
+# ----------------------------------------------------------------------------- short runs, grayscale
+
+@pytest.fixture(scope="module")
+def short_runs(tmp_path_factory):
+    """20 steps of train.py at --ema-decay 0.999 on a grayscale pixel dataset (N, 1, 8, 8), with a
+    fixed decay and with --ema-warmup: {"fixed": ckpt, "warmup": ckpt}."""
+    root = tmp_path_factory.mktemp("short")
+    data = root / "data"
+    os.makedirs(data)
+    rng = np.random.default_rng(0)
+    np.save(data / "latents.npy", rng.uniform(-1, 1, (16, 1, 8, 8)).astype(np.float16))
+    np.save(data / "labels.npy", np.arange(16) % 2)
+    json.dump({"num_classes": 2, "class_names": ["Ankle boot", "Bag"], "image_size": 8, "channels": 1,
+               "vae": "none", "vae_id": None, "latent_scale": 1.0}, open(data / "meta.json", "w"))
+    runs = {}
+    for name, extra in (("fixed", []), ("warmup", ["--ema-warmup"])):
+        cmd = script_cmd("train.py") + ["--data-path", str(data), "--results-dir", str(root / name), "--model",
+                                        "SiT-T/4", "--max-steps", "20", "--ema-decay", "0.999", "--global-batch-size",
+                                        "8", "--num-workers", "0", "--ckpt-every", "20", *extra]
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert p.returncode == 0, p.stderr[-3000:]
+        runs[name] = str(root / name / "checkpoints" / "0000020.pt")
+    return runs
+
+
+SHORT = ["--num-fid-samples", 4, "--num-steps", 2, "--sampler", "euler", "--grid", 4]
+
+
+def test_an_ema_still_mostly_the_initialisation_is_refused_with_one_line_naming_the_fixes(short_runs, tmp_path):
+    p = cli("--ckpt", short_runs["fixed"], "--sample-dir", tmp_path / "s", *SHORT, check=False)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 1 and "Traceback" not in p.stderr and len(lines) == 1, p.stderr
+    # 0.999 ** 20 of the initial weights is left
+    assert lines[0].startswith(f"error: --ckpt {short_runs['fixed']}: its EMA weights are still 98.0% the initialisation")
+    assert all(s in lines[0] for s in ("--ema-decay 0.999 after 20 steps", "train longer", "--ema-warmup", "--no-ema"))
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("run,flags", [("warmup", []), ("fixed", ["--no-ema"])])
+def test_a_warmed_up_ema_or_the_raw_weights_sample_and_grayscale_stays_grayscale(short_runs, run, flags, tmp_path):
+    d = tmp_path / "s"
+    cli("--ckpt", short_runs[run], "--sample-dir", d, *SHORT, *flags)
+    arr = np.load(f"{d}.npz")["arr_0"]
+    assert arr.shape == (4, 8, 8, 3) and arr.dtype == np.uint8 and arr.std() > 1
+    assert (arr[..., 0] == arr[..., 1]).all() and (arr[..., 0] == arr[..., 2]).all()
+    for i in range(4):
+        img = Image.open(d / f"{i:06d}.png")
+        assert img.mode == "L"
+        np.testing.assert_array_equal(np.asarray(img), arr[i, ..., 0])
+    grid = Image.open(f"{d}_grid.png")
+    assert grid.mode == "L" and grid.size == (2 * 8 * 16, 2 * 8 * 16)
+
+
+def test_a_grayscale_dataset_through_a_vae_comes_back_as_the_luma_of_the_decoded_rgb():
+    import sample
+    from types import SimpleNamespace
+    rgb = torch.rand(2, 3, 4, 4) * 2 - 1
+    vae = SimpleNamespace(decode=lambda z: SimpleNamespace(sample=rgb))
+    out = sample.to_uint8(torch.zeros(2, 4, 1, 1), vae, 0.18215, gray=True)
+    luma = 0.299 * rgb[:, 0] + 0.587 * rgb[:, 1] + 0.114 * rgb[:, 2]            # ITU-R 601, PIL's "L"
+    assert out.shape == (2, 4, 4, 1)
+    np.testing.assert_array_equal(out[..., 0], np.floor(255 * (luma.numpy() + 1) / 2).clip(0, 255))
+    assert sample.to_uint8(torch.zeros(2, 4, 1, 1), vae, 0.18215).shape == (2, 4, 4, 3)
+
+
 def test_class_balanced_labels_give_each_class_exactly_its_share():
     sys.path.insert(0, ROOT)
     import sample
