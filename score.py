@@ -42,7 +42,9 @@ two seeds never share a draw), so a score depends neither on the number of ranks
 order 1e-7, far below the differences between images).
 Reliability: the scores of the even and of the odd strata form two half scores; their Spearman
 correlation within each class, averaged over classes and corrected to the full length with
-Spearman-Brown (2r / (1 + r)), goes to scores.json and the log with a one-line reading.
+Spearman-Brown (2r / (1 + r)), goes to scores.json and the log with a one-line reading, beside the
+Spearman of the scores with those of a network that outputs zeros on the same draws (a scorer
+that has learned little ranks by the images' norms: reliably, and uselessly).
 One forward evaluates the K draws of --batch-size images (B*K rows).
 On CUDA: bf16 autocast (--precision fp32 to skip), TF32 and torch.compile (--no-compile to skip);
 fp32 eager on CPU.
@@ -157,6 +159,15 @@ def score_batch(model, objective, schedule, x, y, t, noise):
     return loss.view(B, K)
 
 
+def trivial_score(objective, x, noise):
+    """(B,) the scores a network that outputs zeros gets from the same draws: mean (eps - x)^2 for a
+    velocity, mean eps^2 for an epsilon prediction. A scorer whose ranking follows this one ranks the
+    draws and the images' norms, not what it learned."""
+    x = x.float()[:, None]
+    target = noise.float() - x if objective == "sit" else noise.float()
+    return (target ** 2).flatten(2).mean(2).mean(1)
+
+
 def halves_of(losses, num_timesteps):
     """(B, 2): the mean loss over the even and over the odd strata (each half spans the schedule)."""
     per_stratum = losses.view(len(losses), num_timesteps, -1).mean(2)
@@ -200,6 +211,7 @@ def score_chunks(out, model, info, labels, args, device, logger):
     cuda, compiled = device.type == "cuda", args.compiled
     scores = out.array(os.path.basename(out.out), (len(labels),), np.float32)
     halves = out.array("halves.npy", (len(labels), 2), np.float32)
+    trivial = out.array("trivial.npy", (len(labels),), np.float32)
     schedule = DDPMSchedule(linear_betas())
     batches = out.batches(args.batch_size)
     workers = args.num_workers if args.num_workers is not None else (4 if cuda else 0)
@@ -221,6 +233,7 @@ def score_chunks(out, model, info, labels, args, device, logger):
                     f"checkpoint or the latents are broken (finished chunks are kept in {out.partial})")
             scores[lo:hi] = losses.mean(1).numpy()
             halves[lo:hi] = halves_of(losses, args.num_timesteps).numpy()
+            trivial[lo:hi] = trivial_score(info["objective"], x[:B], noise[:B]).cpu().numpy()
             bar.update(B)
             chunk_images += B
             if out.written(idx.tolist()):
@@ -237,7 +250,9 @@ def reading(rel):
     verdict = ("reliable" if r >= 0.95 else "usable; more draws would sharpen it" if r >= 0.8 else
                "noisy: raise --num-timesteps or use --draws shared --antithetic before trusting the order")
     return (f"ranking reliability {r:.3f} within class (split-half Spearman {rel['split_half_spearman']:.3f}, "
-            f"Spearman-Brown corrected, mean over {rel['classes']} classes): {verdict}")
+            f"Spearman-Brown corrected, mean over {rel['classes']} classes): {verdict}; agreement with the ranking "
+            f"of a zero-output network on the same draws {rel.get('zero_model_spearman', float('nan')):.3f} (near 1: "
+            "the scorer ranks the images' norms, not what it learned: train it longer)")
 
 
 def scheme(args):
@@ -294,6 +309,9 @@ def main(args):
         scores = np.load(out.path(os.path.basename(scores_path)))
         rel = reliability(np.load(out.path("halves.npy")), np.asarray(labels)) if args.num_timesteps >= 2 else None
         rel = rel if rel and rel["classes"] else None
+        if rel:
+            rel["zero_model_spearman"] = spearman_within_class(scores, np.load(out.path("trivial.npy")),
+                                                               np.asarray(labels))
         logger.info(f"scored {todo} images in {time.time() - start:.1f} s on {world} rank(s); wrote {scores_path}")
         logger.info(reading(rel))
         out.commit(logger, record={"scorer": info["model"], "objective": info["objective"],

@@ -235,6 +235,22 @@ def test_scores_json_holds_the_split_half_reliability_of_the_even_and_odd_strata
     assert rel["split_half_spearman"] == pytest.approx(r, abs=1e-9)
     assert rel["spearman_brown"] == pytest.approx(2 * r / (1 + r), abs=1e-9)
     assert "ranking reliability" in open(os.path.join(base["data"], "score_log.txt")).read()
+    # a zero-output network's loss on the same draws is mean (eps - 0)^2: equal for every image under
+    # shared draws, so the scores cannot follow it
+    assert rel["zero_model_spearman"] == pytest.approx(0.0)
+
+
+def test_an_untrained_sit_scorer_ranks_like_a_zero_network(tmp_path):
+    # SiT's zero-initialised output layer: the loss is mean (eps - x)^2, so the ranking is the norm's
+    net = models.DiT_models["SiT-S/8"](**KWARGS)
+    torch.save({"config": {"model": "SiT-S/8", "kwargs": KWARGS}, "model": net.state_dict(), "ema": net.state_dict(),
+                "meta": META}, tmp_path / "zero.pt")
+    rng = np.random.default_rng(3)
+    latents = rng.standard_normal((N, C, S, S)) * rng.uniform(0.5, 2, (N, 1, 1, 1))
+    data = make_data(tmp_path / "d", latents, np.arange(N) % K, META)
+    main(["--data-path", data, "--ckpt", str(tmp_path / "zero.pt"), "--num-timesteps", 4])
+    with open(os.path.join(data, "scores.json")) as f:
+        assert json.load(f)["reliability"]["zero_model_spearman"] == pytest.approx(1.0)
 
 
 def test_out_writes_a_second_scoring_beside_the_first_with_its_own_settings(base):
