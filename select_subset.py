@@ -185,6 +185,12 @@ def select(labels, num_classes, method, ipc, scores=None, k=None, features=None,
     return out, {"k_used": k_used, "short_classes": short}
 
 
+def k_counts(k_used):
+    """{class: k} as "21 (8 classes), 22 (2 classes)": each k with the number of classes that use it."""
+    ks, counts = np.unique(list(k_used.values()), return_counts=True)
+    return ", ".join(f"{k} ({c} class{'es' if c > 1 else ''})" for k, c in zip(ks.tolist(), counts.tolist()))
+
+
 def ipc_from_budget(budget, n, num_classes):
     """Images per class for --budget: a fraction (0 < b < 1) of n images or a count (>= 1)."""
     if budget <= 0:
@@ -322,7 +328,8 @@ def main(argv=None):
 
     line = f"{args.method}: {len(chosen)} of {n} images ({ipc} per class, {num_classes} classes"
     if info["k_used"]:
-        line += f"; k {'chosen per class' if args.k == 'auto' else 'lowered in'} {len(info['k_used'])} classes"
+        line += f"; k per class: {k_counts(info['k_used'])}" if args.k == "auto" else \
+            f"; --k {args.k} lowered to {k_counts(info['k_used'])}"
     if info["short_classes"]:
         line += f"; {len(info['short_classes'])} classes short"
     line += ")"

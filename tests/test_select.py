@@ -235,7 +235,7 @@ def test_cli_interval_writes_indices_and_summary(tmp_path):
     assert np.allclose(q["selected"], np.quantile(SCORES[[0, 3, 4, 16, 17, 23]], q["q"]))
     assert np.allclose(q["all"], np.quantile(SCORES, q["q"]))
     assert s["args"]["method"] == "interval" and s["args"]["k"] == 6
-    assert len(stdout.strip().splitlines()) == 1 and "6 of 24" in stdout
+    assert len(stdout.strip().splitlines()) == 1 and "6 of 24" in stdout and "--k 6 lowered to 5 (2 classes)" in stdout
     assert sorted(os.listdir(tmp_path / "sel")) == ["s.json", "s.npy"]
 
 
@@ -355,3 +355,5 @@ def test_cli_k_auto_records_the_k_of_every_class(tmp_path):
     s = json.loads((tmp_path / "s.json").read_text())
     assert s["k"] == "auto" and s["span"] == 0.5 and s["k_used"] == {"0": 2, "1": 1}
     assert np.load(tmp_path / "s.npy").tolist() == [7, 9, 11, 13, 15, 17]
+    assert "k per class: 1 (1 class), 2 (1 class)" in stdout
+    assert ss.k_counts({0: 21, 1: 22, 2: 21, 3: 21}) == "21 (3 classes), 22 (1 class)"
