@@ -582,14 +582,15 @@ def reachable(url, timeout=3.0):
         return False
 
 
-def need_download(name, url, flag, offline=False):
+def need_download(name, url, flag, offline=False, fix=None):
     """Fail at once, with the fix, when `name` must come from `url` and there is no network (the
     hub clients would otherwise retry for half a minute, then blame the name)."""
     if offline or not reachable(url):
-        die(f"{flag} {name}: cannot download it (no network?): download it where there is one and pass the local path")
+        die(f"{flag} {name}: cannot download it (no network?): "
+            f"{fix or 'download it where there is one and pass the local path'}")
 
 
-def from_hub(load, name, flag):
+def from_hub(load, name, flag, fix=None):
     """load() of a Hugging Face hub id or a local directory. Where huggingface.co does not answer,
     the hub clients are switched to their local cache, so a missing model fails at once."""
     if os.path.exists(name):
@@ -600,7 +601,7 @@ def from_hub(load, name, flag):
     try:
         return load()
     except Exception:  # noqa: BLE001 (not in the cache, or the network failed)
-        need_download(name, "https://huggingface.co", flag, offline=hub.HF_HUB_OFFLINE)
+        need_download(name, "https://huggingface.co", flag, offline=hub.HF_HUB_OFFLINE, fix=fix)
         raise
 
 
@@ -653,27 +654,29 @@ def vit_from_file(path, pick, flag="--vis-encoder"):
     return model, (lambda x: model.forward_features(x)[:, model.num_prefix_tokens:]), res
 
 
-def load_vis_encoder(name, image_size, resolution, flag="--vis-encoder"):
+def load_vis_encoder(name, image_size, resolution, flag="--vis-encoder", fix=None):
     """(model, fn, res) of a DINOv2 or timm ViT (a file or a name; `flag` names it in errors) at its resolution:
-    `resolution`, else 224 * image_size / 256 rounded to a multiple of the patch size. fn gives the patch tokens."""
+    `resolution`, else 224 * image_size / 256 rounded to a multiple of the patch size. fn gives the patch tokens.
+    `fix`: what the user can pass instead when a name cannot be downloaded."""
     def pick(patch):
         res = resolution or patch * max(1, round(224 * image_size / 256 / patch))
         if res % patch:
             die(f"--vis-resolution {res} is not a multiple of the encoder's patch size {patch}")
         return res
 
-    m = DINOV2.match(name)
+    given, m = name, DINOV2.match(name)
     if m and not os.path.exists(name):  # the same weights, as timm publishes them on the Hugging Face hub
         name = f"vit_{DINOV2_SIZES[m[1] or m[4]]}_patch14{'_reg4' if m[2] or m[3] else ''}_dinov2.lvd142m"
+    shown = given if given == name else f"{given} (timm's {name})"  # errors name what the user passed
     if os.path.isfile(name):
         return vit_from_file(name, pick, flag)
     import timm
     try:  # any input size: the position embedding is resampled (bicubic, antialiased, as REPA) to the grid
         model = from_hub(lambda: timm.create_model(name, pretrained=True, num_classes=0, dynamic_img_size=True),
-                         name, flag)
+                         shown, flag, fix)
     except Exception as e:  # noqa: BLE001
-        die(f"{flag} {name}: not a file, a DINOv2 hub name (dinov2_vitb14) or a timm ViT with pretrained "
-            f"weights ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+        die(f"{flag} {shown}: not a file, a DINOv2 hub name (dinov2_vitb14) or a timm ViT with pretrained "
+            f"weights ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})" + (f"; {fix}" if fix else ""))
     if not hasattr(model, "patch_embed") or not hasattr(model, "num_prefix_tokens"):
         die(f"{flag} {name} is not a timm ViT with patch tokens")
     res = pick(model.patch_embed.patch_size[0])
