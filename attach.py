@@ -23,6 +23,7 @@ The visual tokens are computed as REPA does: /255, ImageNet mean/std, bicubic re
 import hashlib
 import os
 import pkgutil
+import re
 import time
 
 import numpy as np
@@ -34,6 +35,8 @@ from common import (IMAGENET_MEAN, IMAGENET_STD, Output, add_output_flags, atomi
                     load_dataset, load_vis_encoder, parser, progress, run, setup_distributed)
 
 TEXT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+VIS_ALTERNATIVES = ("pass a local DINOv2 .pth (official or timm layout), --vis-encoder none (no visual tokens), or "
+                    "--vis-features FILE.npy (tokens of every parent row computed elsewhere)")
 
 
 def load_indices(path, n):
@@ -80,7 +83,15 @@ def class_prompts(args, meta):
             f"{'fix --class-names' if args.class_names else 'pass --class-names FILE, one name per line'}")
     if "{}" not in args.prompt:
         die(f"--prompt {args.prompt!r} has no {{}} where the class name goes, e.g. 'a photo of a {{}}'")
-    return [args.prompt.format(n) for n in names]
+    return [prompt_for(args.prompt, n) for n in names]
+
+
+def prompt_for(template, name):
+    """template.format(name), with "a {}" as "an {}" before a name starting with a vowel (a, e, i, o, u;
+    any case): "a photo of an Ankle boot"."""
+    if name[:1].lower() in ("a", "e", "i", "o", "u"):
+        template = re.sub(r"\b([Aa]) \{\}", r"\1n {}", template)
+    return template.format(name)
 
 
 @torch.inference_mode()
@@ -116,7 +127,7 @@ def encode_text(prompts, name, text_len, dtype, device):
 def vis_encoder(name, image_size, resolution, tokens, device):
     """(fn, res, T, D): fn maps normalised images (B, 3, res, res) to their T normalised patch tokens
     (B, T, D) without the class and register tokens; too few patch tokens for `tokens` is an error."""
-    model, fn, res = load_vis_encoder(name, image_size, resolution)
+    model, fn, res = load_vis_encoder(name, image_size, resolution, fix=VIS_ALTERNATIVES)
     model.to(device).eval().requires_grad_(False)
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
         T, D = fn(torch.zeros(1, 3, res, res, device=device)).shape[1:]
@@ -263,7 +274,9 @@ def get_parser():
     p.add_argument("--out", type=str, required=True, help="subset dataset directory to create")
     p.add_argument("--text-encoder", type=str, default="google/flan-t5-xl",
                    help="transformers hub id or local directory (T5 models run their encoder), or none (no text.pt)")
-    p.add_argument("--prompt", type=str, default="a photo of a {}", help="one prompt per class; {} is the name")
+    p.add_argument("--prompt", type=str, default="a photo of a {}",
+                   help="one prompt per class; {} is the name, and \"a {}\" reads \"an {}\" before a name that starts "
+                        "with a vowel (a, e, i, o, u)")
     p.add_argument("--class-names", type=str, default=None,
                    help="text file with one class name per line (default: meta.json class_names, WordNet synsets "
                         "such as n01440764 mapped to their first ImageNet lemma, tench, from timm's table)")
