@@ -18,10 +18,10 @@ evaluate  stands in for the Inception network with a small CNN trained here on a
                   OUT/times.tsv (stage, seconds, 1-min load average; demo.sh writes it).
           Writes  OUT/results.json, OUT/results.md, OUT/grids/<run>.png (a row per class) and
                   OUT/grids/real.png.
-vis-features  trains DigitMAE, a masked autoencoder, on the digits of an encode.py --vae none
-          directory, without labels, and writes its (N, 4, 64) tokens of every row, one per 4x4
-          quarter, for attach.py --vis-features: the DINOv2 stand-in of the tables' visual
-          alignment (demo_tables.py).
+vis-features  trains DigitMAE, a masked autoencoder, on the images of an encode.py --vae none
+          directory (S x S pixels, S a multiple of 4), without labels, and writes its (N, (S/4)^2, 64)
+          tokens of every row, one per 4x4 patch, for attach.py --vis-features: the DINOv2 stand-in
+          of the default demo and of study.py's visual alignment.
 
     python demo.py export --out demo_out/digits
     python demo.py evaluate --out demo_out --runs full random interval d2c
@@ -127,66 +127,71 @@ def metrics(ref_feats, feats, pred, labels):
 
 class DigitMAE(nn.Module):
     """
-    The visual encoder that stands in for DINOv2 here: a small masked autoencoder of the digits,
-    trained without labels, with another architecture and seed than the classifier that stands in
-    for Inception (so the alignment target is not the evaluation's own feature space).
-    encode: (N, 1, 8, 8) in [0, 1] -> (N, 4, 64), one token per 4x4 quarter in row-major order, the
-    order of SiT-T/4's patches. A conv stem makes the tokens and one attention layer mixes them, so
-    each token also carries its context, as a ViT's patch tokens do; training hides random quarters
-    and reconstructs the whole digit from the rest.
+    The visual encoder that stands in for DINOv2 here: a small masked autoencoder of the images,
+    trained without labels, with another architecture and seed than the classifier that evaluates
+    (so the alignment target is not the evaluation's own feature space).
+    encode: (N, 1, S, S) in [0, 1] -> (N, (S/4)^2, 64), one token per 4x4 patch in row-major order,
+    the order of a SiT-*/4's patches. A conv stem makes the tokens and one attention layer mixes
+    them, so each token also carries its context, as a ViT's patch tokens do; training hides random
+    patches and reconstructs the whole image from the rest.
     """
 
-    def __init__(self, dim=64):
+    def __init__(self, size=8, dim=64):
         super().__init__()
+        self.g = size // 4  # patches per side
         self.stem = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.GELU(), nn.Conv2d(32, dim, 4, stride=4))
-        self.pos = nn.Parameter(torch.randn(1, 4, dim) * 0.02)
+        self.pos = nn.Parameter(torch.randn(1, self.g ** 2, dim) * 0.02)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.mix = nn.TransformerEncoderLayer(dim, 4, 2 * dim, dropout=0.0, batch_first=True, norm_first=True)
         self.decode = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 128), nn.GELU(), nn.Linear(128, 16))
 
     def encode(self, x, keep=None):
-        if keep is not None:  # hidden quarters are blank for the stem and a learned token after it
-            x = x * keep.view(-1, 1, 2, 2).repeat_interleave(4, 2).repeat_interleave(4, 3)
+        if keep is not None:  # hidden patches are blank for the stem and a learned token after it
+            x = x * keep.view(-1, 1, self.g, self.g).repeat_interleave(4, 2).repeat_interleave(4, 3)
         t = self.stem(x).flatten(2).transpose(1, 2)
         if keep is not None:
             t = torch.where(keep[..., None], t, self.mask_token.expand_as(t))
         return self.mix(t + self.pos)
 
     def forward(self, x, keep):
-        """The whole digit (N, 1, 8, 8) back from the kept quarters: each token decodes its own 4x4."""
-        p = self.decode(self.encode(x, keep)).view(-1, 2, 2, 4, 4)
-        return p.permute(0, 1, 3, 2, 4).reshape(-1, 1, 8, 8)
+        """The whole image (N, 1, S, S) back from the kept patches: each token decodes its own 4x4."""
+        g = self.g
+        p = self.decode(self.encode(x, keep)).view(-1, g, g, 4, 4)
+        return p.permute(0, 1, 3, 2, 4).reshape(-1, 1, 4 * g, 4 * g)
 
 
 def parent_digits(data_path):
-    """The gray digits (N, 1, 8, 8) in [0, 1] of an encode.py --vae none directory, in its row order."""
+    """The gray images (N, 1, S, S) in [0, 1] of an encode.py --vae none directory, in its row order
+    (the mean of the channels of RGB pixels)."""
     latents = np.load(os.path.join(data_path, "latents.npy"))
-    if latents.ndim != 4 or latents.shape[1:] != (3, 8, 8):
-        die(f"{data_path}/latents.npy is {latents.shape}; expected the (N, 3, 8, 8) pixels of encode.py --vae none")
-    return torch.from_numpy((latents[:, :1].astype(np.float32) + 1) / 2)
+    if latents.ndim != 4 or latents.shape[1] not in (1, 3) or latents.shape[2] != latents.shape[3] or latents.shape[2] % 4:
+        die(f"{data_path}/latents.npy is {latents.shape}; expected the (N, 1 or 3, S, S) pixels of encode.py --vae none, "
+            "S a multiple of 4")
+    return torch.from_numpy((latents.astype(np.float32).mean(1, keepdims=True) + 1) / 2)
 
 
 def vis_features(args):
-    """Train DigitMAE on the digits of --data-path (no labels) and write its tokens of every row."""
+    """Train DigitMAE on the images of --data-path (no labels) and write its tokens of every row."""
     start = time.time()
     x = parent_digits(args.data_path)
     torch.manual_seed(args.seed)
-    mae = DigitMAE()
+    mae = DigitMAE(x.shape[-1])
+    P = mae.g ** 2
     opt = torch.optim.AdamW(mae.parameters(), lr=2e-3)
     g = torch.Generator().manual_seed(args.seed)
     for _ in range(args.epochs):
         for idx in torch.randperm(len(x), generator=g).split(64):
-            keep = torch.rand(len(idx), 4, generator=g) < 0.5
-            keep[torch.arange(len(idx)), torch.randint(0, 4, (len(idx),), generator=g)] = True  # at least one
+            keep = torch.rand(len(idx), P, generator=g) < 0.5
+            keep[torch.arange(len(idx)), torch.randint(0, P, (len(idx),), generator=g)] = True  # at least one
             loss = F.mse_loss(mae(x[idx], keep), x[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
     with torch.no_grad():
         tokens = torch.cat([mae.encode(b) for b in x.split(1000)]).numpy()
-        full = F.mse_loss(mae(x, torch.ones(len(x), 4, dtype=torch.bool)), x).item()
+        full = np.mean([F.mse_loss(mae(b, torch.ones(len(b), P, dtype=torch.bool)), b).item() for b in x.split(1000)])
     atomic_save(tokens.astype(np.float32), args.out, "npy")
-    print(f"digits MAE: {args.epochs} epochs on {len(x)} digits, last masked loss {loss.item():.4f}, unmasked "
+    print(f"MAE: {args.epochs} epochs on {len(x)} images, last masked loss {loss.item():.4f}, unmasked "
           f"reconstruction MSE {full:.4f}; wrote tokens {tokens.shape} to {args.out} ({time.time() - start:.1f} s)")
 
 
@@ -305,7 +310,10 @@ def markdown(res, runs):
     rows, fmt = res["rows"], (lambda v, p: "-" if v is None else f"{v:.{p}f}")
     first = rows[runs[0]]
     lines = ["# Offline demo: D2C on scikit-learn's 8x8 digits", "",
-             f"{first['model']}, pixel space (3x8x8), batch {first['batch']}, lr {first['lr']:g}, "
+             "One run with one seed: it shows every stage working, not whether D2C helps. Whether it does, on "
+             "held-out data over 5 seeds with paired 95% intervals: `python study.py` (README, \"Does D2C hold "
+             "up?\", and docs/study.md).", "",
+             f"{first['model']}, pixel space (8x8), batch {first['batch']}, lr {first['lr']:g}, "
              f"EMA {first['ema_decay']}; {first['num_samples']} class-balanced samples per model, "
              f"{first['sampler']} sampler, {first['sample_steps']} steps, CFG {first['cfg_scale']}. "
              "FD, precision and recall (k=3) as fid.py computes them, on the 128-d features of a CNN "
@@ -353,7 +361,7 @@ def main():
     p.add_argument("--seed", type=int, default=0, help="classifier split and initialisation")
     p = sub.add_parser("vis-features", help="train the digits MAE (the DINOv2 stand-in), write its tokens of every row")
     p.add_argument("--data-path", required=True, help="encode.py --vae none directory of the digits")
-    p.add_argument("--out", required=True, help="(N, 4, 64) float32 .npy, for attach.py --vis-features")
+    p.add_argument("--out", required=True, help="(N, (S/4)^2, 64) float32 .npy, for attach.py --vis-features")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--seed", type=int, default=1, help="initialisation, masks and order (the classifier uses 0)")
     args = parser.parse_args()

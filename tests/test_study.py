@@ -1,0 +1,216 @@
+"""
+study.py, the D2C study on a dataset with a held-out split.
+
+The plan is checked without running anything: what a seed changes in every row, that rows share
+their settings, that score-based rows are scored by their own seed's full-data model, that every
+evaluation is against the held-out split with a classifier trained on the train split. The
+statistics are checked against a hand-computed paired t interval, the Fashion-MNIST reader
+against a generated IDX file. Then the runner works for real on a user's class folder and
+held-out folder of generated images (the "small" profile): pilot, selection and report, and a
+second run computes nothing.
+"""
+import argparse
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import study  # noqa: E402
+
+
+def flags(cmd):
+    """[script, --flag, value, --switch, ...] -> {--flag: value as str, --switch: True}."""
+    out, i = {}, 1
+    while i < len(cmd):
+        if i + 1 < len(cmd) and not str(cmd[i + 1]).startswith("--"):
+            out[cmd[i]] = str(cmd[i + 1])
+            i += 2
+        else:
+            out[cmd[i]] = True
+            i += 1
+    return out
+
+
+def plan_of(tmp_path, dataset="fashion-mnist", steps=400, **over):
+    args = study.get_parser().parse_args(["selection", "--dataset", dataset, "--out", str(tmp_path / "out"),
+                                          "--cells", str(tmp_path / "cells"), "--steps", str(steps)])
+    args.profile, args.name = args.profile or dataset, dataset
+    vars(args).update(over)
+    return study.Plan(args)
+
+
+def chain(cell):
+    """(samples, run, dataset) behind one cell."""
+    samples = cell.deps[0]
+    run = samples.deps[0]
+    return samples, run, run.deps[0]
+
+
+# ----------------------------------------------------------------------------- the plan
+
+def test_every_row_has_five_seeds_and_a_seed_sets_training_sampling_draw_scorer_and_scoring(tmp_path):
+    R = study.Rows(plan_of(tmp_path))
+    rows = R.selection(60)
+    assert set(rows) == {"full data", "random", "min (easiest)", "max (hardest)", "medium", "K-Center", "herding",
+                         "interval, span 0.7", "interval, span 1.0"}
+    for name, (cells, real) in rows.items():
+        assert len(cells) == 5
+        for seed, cell in zip((0, 1, 2, 3, 4), cells):
+            samples, run, data = chain(cell)
+            assert flags(run.cmd("train.py"))["--global-seed"] == str(seed)
+            assert flags(samples.cmd("sample.py"))["--global-seed"] == str(seed)
+            if name == "random":
+                assert flags(data.cmd("select_subset.py"))["--global-seed"] == str(seed)
+            if name.startswith(("min", "max", "medium", "interval")):
+                scored = data.deps[0]
+                scorer = scored.deps[1]
+                assert flags(scored.cmd("score.py"))["--global-seed"] == str(seed)
+                assert flags(scorer.cmd("train.py"))["--global-seed"] == str(seed)
+                assert scorer is R.full_run(seed)  # the full-data model of the same seed
+        if name != "full data":
+            assert len(real) == 5 and all(c.deps[0].key.startswith("real-") for c in real)
+
+
+def test_every_row_trains_and_samples_with_the_same_settings(tmp_path):
+    R = study.Rows(plan_of(tmp_path))
+    cells = [c for cells, _ in R.selection(60).values() for c in cells]
+    cells += [c for cs in R.attach(60).values() for c in cs]
+    train = {k: v for k, v in flags(chain(cells[0])[1].cmd("train.py")).items()}
+    for cell in cells:
+        samples, run, _ = chain(cell)
+        f = flags(run.cmd("train.py"))
+        for k in ("--model", "--global-batch-size", "--max-steps", "--lr", "--ema-decay", "--ckpt-every"):
+            assert f[k] == train[k], k
+        s = flags(samples.cmd("sample.py"))
+        assert (s["--num-fid-samples"], s["--sampler"], s["--num-steps"], s["--cfg-scale"]) == ("2000", "heun-sit", "10",
+                                                                                                 "1.5")
+    assert train["--max-steps"] == "400"  # --steps, else the pilot's choice
+
+
+def test_evaluation_is_against_the_heldout_split_with_a_classifier_trained_on_the_train_split(tmp_path):
+    plan = plan_of(tmp_path)
+    cell = study.Rows(plan).selection(60)["random"][0][0]
+    clf = plan.classifier()
+    assert clf in cell.deps
+    f = flags(clf.cmd("fid.py"))
+    assert f["--ref"] == plan.heldout_folder() and f["--classifier-data"] == plan.train_folder()
+    assert f["--features"] == "classifier" and f["--classifier"] == clf.path
+    assert plan.heldout_folder() != plan.train_folder()
+    assert cell.path.startswith(str(tmp_path / "cells" / "fashion-mnist"))
+
+
+def test_attach_rows_share_one_interval_subset_and_differ_only_in_their_flags(tmp_path):
+    rows = study.Rows(plan_of(tmp_path)).attach(60)
+    label, text, vis, both = (rows[k] for k in ("class label", "+ text (DC-Embedding)", "+ visual alignment",
+                                                 "+ text + visual (D2C)"))
+    for cells in zip(label, text, vis, both):
+        runs = [chain(c)[1] for c in cells]
+        assert len({chain(c)[2].key for c in cells}) == 1
+        got = [(("--text-cond" in r.cmd("train.py")), ("--no-vis" not in r.cmd("train.py"))) for r in runs]
+        assert got == [(False, False), (True, False), (False, True), (True, True)]
+    rnd = rows["random + text + visual (attach without select)"]
+    assert flags(chain(rnd[0])[2].cmd("select_subset.py"))["--method"] == "random"
+    # the class-label row is the selection table's interval row: one piece of work
+    assert label[0] is study.Rows(plan_of(tmp_path)).selection(60)["interval, span 0.7"][0][0] or \
+        label[0].key == study.Rows(plan_of(tmp_path)).selection(60)["interval, span 0.7"][0][0].key
+
+
+def test_budgets_are_about_one_and_five_percent_of_fashion_mnist():
+    assert study.PROFILES["fashion-mnist"]["budgets"] == ((60, "1%"), (300, "5%"))  # 600 and 3,000 of 60,000
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def test_paired_interval_is_the_t_interval_of_the_per_seed_differences():
+    a = {0: 10.0, 1: 12.0, 2: 11.0, 3: 13.0, 4: 9.0}
+    b = {0: 11.0, 1: 14.0, 2: 11.5, 3: 15.0, 4: 10.0, 7: 99.0}  # seed 7 has no partner: left out
+    # d = -1, -2, -0.5, -2, -1: mean -1.3, sd = sqrt(((.3)^2 + (.7)^2 + (.8)^2 + (.7)^2 + (.3)^2) / 4)
+    sd = np.sqrt((0.09 + 0.49 + 0.64 + 0.49 + 0.09) / 4)
+    half = 2.7764451051977987 * sd / np.sqrt(5)  # t(0.975, df 4)
+    c = study.paired(a, b)
+    assert c["n"] == 5 and c["mean"] == pytest.approx(-1.3)
+    assert (c["lo"], c["hi"]) == (pytest.approx(-1.3 - half), pytest.approx(-1.3 + half))
+    assert c["verdict"] == "lower"
+    assert study.paired({0: 1.0, 1: 3.0}, {0: 2.0, 1: 2.0})["verdict"] == "can't tell"  # d = -1, +1
+    assert study.paired({0: 1.0}, {0: 2.0})["verdict"] == "can't tell"
+
+
+# ----------------------------------------------------------------------------- Fashion-MNIST
+
+def write_idx(path, arr):
+    header = bytes([0, 0, 8, arr.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in arr.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + arr.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_reads_the_official_idx_layout(tmp_path):
+    rng = np.random.default_rng(0)
+    want = {}
+    for split, (im, lb) in study.IDX.items():
+        images, labels = rng.integers(0, 256, (7, 28, 28)), rng.integers(0, 10, 7)
+        write_idx(tmp_path / im, images)
+        write_idx(tmp_path / lb, labels)
+        want[split] = images, labels
+    got = study.fashion_mnist(str(tmp_path))
+    for split in want:
+        assert np.array_equal(got[split][0], want[split][0]) and np.array_equal(got[split][1], want[split][1])
+
+
+def test_missing_fashion_mnist_names_both_sources(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        study.fashion_mnist(str(tmp_path))
+    msg = str(e.value)
+    assert msg.startswith("error: ") and "\n" not in msg
+    assert "apt-get install dataset-fashion-mnist" in msg and "github.com/zalandoresearch/fashion-mnist" in msg
+
+
+# ----------------------------------------------------------------------------- a user's folders, for real
+
+def shapes(root, per_class, seed):
+    """Class folders of 16 px grayscale images: a disc, a square, stripes."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:16, :16]
+    for c in ("disc", "square", "stripes"):
+        os.makedirs(root / c)
+        for i in range(per_class):
+            cy, cx, r = rng.integers(5, 11), rng.integers(5, 11), rng.integers(3, 5)
+            mask = {"disc": (yy - cy) ** 2 + (xx - cx) ** 2 < r * r, "square": (abs(yy - cy) < r) & (abs(xx - cx) < r),
+                    "stripes": (yy // int(rng.integers(2, 4))) % 2 == 0}[c]
+            img = np.where(mask, rng.integers(150, 256), rng.integers(0, 60)).astype(np.uint8)
+            Image.fromarray(img, "L").save(root / c / f"{i:03d}.png")
+
+
+@pytest.fixture(scope="module")
+def user(tmp_path_factory):
+    root = tmp_path_factory.mktemp("user")
+    shapes(root / "train", 10, 0)
+    shapes(root / "heldout", 6, 1)
+    base = [sys.executable, "study.py", "--dataset", str(root / "train"), "--heldout", str(root / "heldout"),
+            "--profile", "small", "--out", str(root / "out"), "--cells", str(root / "cells"), "--jobs", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    runs = {}
+    for table in ("pilot", "selection", "selection"):
+        r = subprocess.run(base[:2] + [table] + base[2:], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        runs.setdefault(table, []).append(r.stdout)
+    return dict(root=root, runs=runs, cells=root / "cells" / "train-small")
+
+
+def test_the_runner_evaluates_every_cell_on_the_heldout_split_and_stores_it(user):
+    cells = [json.load(open(user["cells"] / f)) for f in os.listdir(user["cells"])]
+    assert cells and all(c["metrics"]["fd"] is not None and c["commit"] for c in cells)
+    assert all("classifier" in str(c["metrics"]["features"]) for c in cells)
+    seeds = {c["seed"] for c in cells}
+    assert seeds == {0, 1}
+
+
+def test_a_second_run_computes_nothing(user):
+    assert "pieces of work" not in user["runs"]["selection"][1]
+    assert "0 pieces computed" in user["runs"]["selection"][1]
