@@ -32,12 +32,11 @@ import time
 import numpy as np
 import torch
 
-from common import (VAE_IDS, Output, add_output_flags, atomic_save, atomic_write, check_output, cleanup_distributed,
-                    create_logger, crop_loader, default_workers, die, find_images, load_vae, parser,
-                    progress, run, setup_distributed)
+from common import (GRAY_MODES, VAE_IDS, Output, add_output_flags, atomic_save, atomic_write, check_output,
+                    cleanup_distributed, create_logger, crop_loader, default_workers, die, find_images, load_vae,
+                    parser, progress, run, setup_distributed)
 
 LATENT_SCALE = 0.18215
-GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "F")  # PIL modes of one (gray) channel, alpha aside
 
 
 def folder_channels(paths):
