@@ -5,7 +5,8 @@ guidance, score.py's scoring, and train.py's data loader, each eager and under t
 and the memory training at --batch-size needs (states + activations saved for backward, measured
 from a forward of 1 and 2 images in --precision, so a CPU predicts a GPU's need).
 
-Reads  nothing: random weights and random latents of shape (4, S/8, S/8) for --image-size S.
+Reads  nothing: random weights and random latents of shape (4, S/8, S/8) for --image-size S, or
+       with --vae none pixels (--channels, S, S) as encode.py --vae none stores them.
        The loader part writes a temporary dataset directory of random float16 latents
        (--loader-images rows) and deletes it.
 Writes a Markdown table on stdout; --json FILE writes the same rows as JSON.
@@ -17,7 +18,10 @@ the GPU (PEAK_TFLOPS, matched on the device name; --peak-tflops overrides; on CP
 --peak-tflops). Times are medians over --iters after --warmup iterations, with the device
 synchronised around each one. The fast paths are those of the stages: on CUDA bf16 autocast
 with fp32 master weights (--precision), TF32, torch.compile, SDPA, fused AdamW, foreach EMA;
-fp32 on CPU.
+fp32 on CPU unless --precision bf16 (honoured where the CPU has native bf16, common.use_bf16).
+--compare-precision times the training step and the model evaluations in fp32 and in bf16
+autocast, interleaved (one call of each in turn: a load that comes and goes on shared cores
+hits both alike), and prints the fp32 / bf16 time ratios.
 
     python bench.py --model SiT-XL/2 --image-size 256 --batch-size 256 --precision bf16 --proj
 
@@ -27,6 +31,8 @@ The README's numbers came from (CPU: 2 cores of an AMD EPYC):
     OMP_NUM_THREADS=1 python bench.py --model SiT-S/2 --image-size 256 --batch-size 16 --warmup 1 \\
         --iters 5 --only sample,score,loader --json results/bench_cpu_infer_1thread.json
     python bench.py --model SiT-XL/2 --image-size 256 --batch-size 256 --proj --only memory
+    python bench.py --model SiT-T/4 --vae none --channels 1 --image-size 28 --batch-size 128 \
+        --only train,sample --compare-precision --warmup 2 --iters 7
 GPU (one H100 SXM; not yet measured; batch 256 of SiT-XL/2 needs more than its 80 GB, see --only memory):
     bash tools/gpu_check.sh   # the CUDA test tier, then these rows at reduced length: one table
     python bench.py --check-flash
@@ -49,7 +55,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import atomic_save, die, fast_cuda_defaults, parser
+from common import PRECISIONS, atomic_save, cpu_has_bf16, die, fast_cuda_defaults, parser, use_bf16
 from diffusion import SAMPLERS, DDPMSchedule, guided_model, linear_betas, objective_of, sample_time
 from models import SIZES, DiT_models
 from score import score_batch
@@ -111,10 +117,17 @@ def forward_macs(model, input_size):
     return macs
 
 
+def in_shape(args):
+    """(C, H, W) of what the network sees: SD-VAE latents (4, S/8, S/8), or with --vae none pixels."""
+    if args.vae == "none":
+        return (args.channels or 3, args.image_size, args.image_size)
+    return (4, args.image_size // 8, args.image_size // 8)
+
+
 def build_model(args, device, proj=False):
-    """The registry network as train.py builds it for latents (4, S/8, S/8), random weights."""
-    kwargs = dict(input_size=args.image_size // 8, in_channels=4, num_classes=args.num_classes,
-                  learn_sigma=objective_of(args.model) == "ddpm")
+    """The registry network as train.py builds it for in_shape(args), random weights."""
+    C, _, L = in_shape(args)
+    kwargs = dict(input_size=L, in_channels=C, num_classes=args.num_classes, learn_sigma=objective_of(args.model) == "ddpm")
     if proj:
         kwargs.update(z_dims=[REPA_Z_DIM], encoder_depth=default_encoder_depth(args.model))
     torch.manual_seed(0)
@@ -131,10 +144,14 @@ class Bench:
     def __init__(self, args, device):
         self.args, self.device, self.cuda = args, device, device.type == "cuda"
         self.name = torch.cuda.get_device_name(device) if self.cuda else "CPU"
-        self.precision = args.precision if self.cuda else "fp32"
+        self.bf16 = use_bf16(args.precision, device)
+        self.precision = "bf16" if self.bf16 else "fp32"
+        # the precisions the train and sample rows run in: both, interleaved, with --compare-precision
+        self.modes_bf16 = (False, True) if args.compare_precision else (self.bf16,)
         self.peak = args.peak_tflops or (peak_tflops(self.name, self.precision) if self.cuda else None)
         self.objective = objective_of(args.model)
-        self.latent = args.image_size // 8
+        self.shape = in_shape(args)
+        self.latent = self.shape[-1]
         self.rows = []
 
     def sync(self):
@@ -143,19 +160,28 @@ class Bench:
 
     def time(self, fn, warmup=None, iters=None):
         """Median seconds of fn() over --iters calls after --warmup calls, synchronised each time."""
-        for _ in range(self.args.warmup if warmup is None else warmup):
-            fn()
-        self.sync()
-        self.times = []
-        for _ in range(self.args.iters if iters is None else iters):
-            t0 = time.perf_counter()
-            fn()
-            self.sync()
-            self.times.append(time.perf_counter() - t0)
-        return statistics.median(self.times)
+        return self.time_each([fn], warmup, iters)[0]
 
-    def autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda and self.precision == "bf16")
+    def time_each(self, fns, warmup=None, iters=None):
+        """Median seconds of each fn over --iters rounds after --warmup rounds; a round calls every fn once,
+        in turn, synchronised around each call. self.times: the seconds of each call, per fn (of the
+        last fn after a single one)."""
+        for _ in range(self.args.warmup if warmup is None else warmup):
+            for fn in fns:
+                fn()
+        self.sync()
+        times = [[] for _ in fns]
+        for _ in range(self.args.iters if iters is None else iters):
+            for fn, ts in zip(fns, times):
+                t0 = time.perf_counter()
+                fn()
+                self.sync()
+                ts.append(time.perf_counter() - t0)
+        self.all_times, self.times = times, times[-1]
+        return [statistics.median(ts) for ts in times]
+
+    def autocast(self, bf16=None):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16 if bf16 is None else bf16)
 
     def reset_memory(self):
         if self.cuda:
@@ -167,17 +193,18 @@ class Bench:
             return torch.cuda.max_memory_allocated(self.device) / 2 ** 30
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
 
-    def add(self, part, mode, what, images, seconds, flops_per_image, syncs=None):
+    def add(self, part, mode, what, images, seconds, flops_per_image, syncs=None, bf16=None, times=None):
         ips, tflops, mfu = rates(images, seconds, flops_per_image, self.peak) if seconds else (None,) * 3
-        self.rows.append(dict(part=part, mode=mode, what=what, images=images, ms=seconds and 1e3 * seconds,
-                              ms_each=[1e3 * t for t in self.times], images_per_s=ips,
-                              flops_per_image=flops_per_image, tflops=tflops, mfu=mfu,
+        bf16 = self.bf16 if bf16 is None else bf16
+        self.rows.append(dict(part=part, mode=mode, what=what, precision="bf16" if bf16 else "fp32", images=images,
+                              ms=seconds and 1e3 * seconds, ms_each=[1e3 * t for t in (self.times if times is None else times)],
+                              images_per_s=ips, flops_per_image=flops_per_image, tflops=tflops, mfu=mfu,
                               peak_mem_gib=self.peak_memory_gib(), syncs=syncs))
 
     def batch(self, B, rows=None):
         """Latents x, labels y and the objective's times t for B images (rows: B by default)."""
         g = torch.Generator(device=self.device).manual_seed(0)
-        shape = (rows or B, 4, self.latent, self.latent)
+        shape = (rows or B, *self.shape)
         x = torch.randn(shape, device=self.device, generator=g)
         y = torch.randint(0, self.args.num_classes, (shape[0],), device=self.device, generator=g)
         return x, y, sample_time(self.objective, shape[0], self.device, g)
@@ -200,34 +227,42 @@ class Bench:
 # ----------------------------------------------------------------------------- parts
 
 def bench_train(b, mode):
-    """One train.py step: loss (with label dropout), backward, clipping, fused AdamW, EMA."""
+    """One train.py step: loss (with label dropout), backward, clipping, fused AdamW, EMA; one model
+    per precision of b.modes_bf16, timed in turn."""
     args, device, B, L = b.args, b.device, b.args.batch_size, b.latent
-    model = build_model(args, device, proj=args.proj)
-    ema = deepcopy(model).requires_grad_(False).eval()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.999),
-                            weight_decay=0.0, fused=True)
-    model.train()
-    train_step = make_step(model, ema, opt, b.objective, net=compile_model(model, mode),
-                           bf16=b.cuda and b.precision == "bf16")  # train.py's defaults otherwise
     pinned = lambda v: v.pin_memory() if b.cuda else v  # noqa: E731 (as train.py's loader delivers batches)
-    x_host, y_host = pinned(torch.randn(B, 4, L, L)), pinned(torch.randint(0, args.num_classes, (B,)))
+    x_host, y_host = pinned(torch.randn(B, *b.shape)), pinned(torch.randint(0, args.num_classes, (B,)))
+    steps = []
+    for bf16 in b.modes_bf16:
+        model = build_model(args, device, proj=args.proj)
+        ema = deepcopy(model).requires_grad_(False).eval()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.999),
+                                weight_decay=0.0, fused=True)
+        model.train()
+        train_step = make_step(model, ema, opt, b.objective, net=compile_model(model, mode),
+                               bf16=bf16)  # train.py's defaults otherwise
+        steps.append(train_step)
     h = min(256, (L // model.patch_size) ** 2)
     vis_host = pinned(torch.randn(B, h, REPA_Z_DIM)) if args.proj else None
-    step = [0]
 
-    def one():
-        x, y = x_host.to(device, non_blocking=True), y_host.to(device, non_blocking=True)
-        noise, t, drop = step_noise(b.objective, step[0], (B, 4, L, L), device)
-        vis = vis_host.to(device, non_blocking=True) if args.proj else None
-        train_step(x, y, vis, noise, t, drop)
-        step[0] += 1
+    def step_fn(train_step):
+        step = [0]
 
+        def one():
+            x, y = x_host.to(device, non_blocking=True), y_host.to(device, non_blocking=True)
+            noise, t, drop = step_noise(b.objective, step[0], (B, *b.shape), device)
+            vis = vis_host.to(device, non_blocking=True) if args.proj else None
+            train_step(x, y, vis, noise, t, drop)
+            step[0] += 1
+        return one
+
+    fns = [step_fn(s) for s in steps]
     b.reset_memory()
-    seconds = b.time(one)
-    syncs = b.count_syncs(one)
+    seconds = b.time_each(fns)
     macs = forward_macs(model, L)
-    b.add("train", mode, f"step{' + REPA projector' if args.proj else ''}", B, seconds,
-          TRAIN_FLOPS_PER_MAC * macs, syncs)
+    for bf16, fn, s, times in zip(b.modes_bf16, fns, seconds, b.all_times):
+        b.add("train", mode, f"step{' + REPA projector' if args.proj else ''}", B, s,
+              TRAIN_FLOPS_PER_MAC * macs, b.count_syncs(fn), bf16=bf16, times=times)
 
 
 def bench_sample(b, mode):
@@ -241,13 +276,18 @@ def bench_sample(b, mode):
     for guided in (False, True):
         f = guided_model(net, y, args.cfg_scale if guided else 1.0, null_class=args.num_classes)
 
-        def one():
-            with torch.inference_mode(), b.autocast():
-                f(x, t, 0.5)
+        def evaluation(bf16):
+            def one():
+                with torch.inference_mode(), b.autocast(bf16):
+                    f(x, t, 0.5)
+            return one
+        fns = [evaluation(bf16) for bf16 in b.modes_bf16]
         b.reset_memory()
-        seconds = b.time(one)
+        seconds = b.time_each(fns)
         what = "model evaluation, cond + uncond in 2B rows" if guided else "model evaluation, B rows"
-        b.add("sample", mode, what, B, seconds, 2 * macs * (2 if guided else 1), b.count_syncs(one))
+        for bf16, fn, s, times in zip(b.modes_bf16, fns, seconds, b.all_times):
+            b.add("sample", mode, what, B, s, 2 * macs * (2 if guided else 1), b.count_syncs(fn), bf16=bf16,
+                  times=times)
     if args.sample_steps:
         bench_sampler(b, mode, net, macs, y)
 
@@ -262,7 +302,7 @@ def bench_sampler(b, mode, net, macs, y):
         rows[0] += x.shape[0]
         return net(x, t, labels)
     f = guided_model(counted, y, args.cfg_scale, args.guidance_low, args.guidance_high, null_class=args.num_classes)
-    z = torch.randn(B, 4, b.latent, b.latent, device=b.device)
+    z = torch.randn(B, *b.shape, device=b.device)
 
     def run(steps):
         with torch.inference_mode(), b.autocast():
@@ -303,7 +343,7 @@ def bench_score(b, mode):
     x, y, _ = b.batch(B)
     _, _, t = b.batch(B, rows=B * T)
     t = t.view(B, T)
-    noise = torch.randn(B, T, 4, b.latent, b.latent, device=b.device)
+    noise = torch.randn(B, T, *b.shape, device=b.device)
 
     def one():
         with torch.no_grad(), b.autocast():
@@ -325,7 +365,8 @@ def saved_activations(b, net, B, params):
         if ptr not in params:
             store[ptr] = v.untyped_storage().nbytes()
         return v
-    with torch.autocast(b.device.type, dtype=torch.bfloat16, enabled=b.args.precision == "bf16"):
+    # auto counts as bf16: the memory a GPU run (bf16 by default) will need
+    with torch.autocast(b.device.type, dtype=torch.bfloat16, enabled=b.args.precision != "fp32"):
         net(x, t, y)  # compiles outside the hooks
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda v: v):
             net(x, t, y)
@@ -352,17 +393,18 @@ def bench_memory(b, mode):
     states = STATE_BYTES_PER_PARAM * sum(p.numel() for p in model.parameters())
     total = states + fixed + args.batch_size * per_image
     b.times = []
-    b.add("memory", mode, f"training at batch {args.batch_size} ({args.precision}): weights+grads+AdamW+EMA "
+    b.add("memory", mode, f"training at batch {args.batch_size} ({'fp32' if args.precision == 'fp32' else 'bf16'}): "
+          f"weights+grads+AdamW+EMA "
           f"{states / 2 ** 30:.2f} GiB + {fixed / 2 ** 30:.2f} GiB + saved activations {per_image / 2 ** 20:.1f} MiB/image "
           f"= at least {total / 2 ** 30:.1f} GiB", None, None, None)
     b.rows[-1].update(states_gib=states / 2 ** 30, fixed_gib=fixed / 2 ** 30,
                       activations_mib_per_image=per_image / 2 ** 20, projected_gib=total / 2 ** 30)
 
 
-def write_dataset(path, args, latent, h):
+def write_dataset(path, args, h):
     """Random float16 latents (and REPA features with --proj) in train.py's dataset layout."""
     n, rng = args.loader_images, np.random.default_rng(0)
-    shape = (n, 2, 4, latent, latent) if args.flip else (n, 4, latent, latent)
+    shape = (n, 2, *in_shape(args)) if args.flip else (n, *in_shape(args))
     arrays = [("latents.npy", shape)] + ([("vis.npy", (n, *shape[1:-3], h, REPA_Z_DIM))] if args.proj else [])
     for name, shp in arrays:
         a = np.lib.format.open_memmap(os.path.join(path, name), mode="w+", dtype=np.float16, shape=shp)
@@ -383,7 +425,7 @@ def bench_loader(b):
     h = min(256, (b.latent // int(args.model.split("/")[-1])) ** 2)
     per_iter = 4 * max(1, args.num_workers)
     with tempfile.TemporaryDirectory(dir=args.tmp_dir) as path:
-        labels = write_dataset(path, args, b.latent, h)
+        labels = write_dataset(path, args, h)
         data = StepBatches(path, args.proj, labels, B, 0, 1, 0)
         loader = torch.utils.data.DataLoader(data, batch_size=None, sampler=range(0, (args.warmup + args.iters + 1) * per_iter),
                                              num_workers=args.num_workers, pin_memory=b.cuda,
@@ -457,32 +499,52 @@ def fmt(v, spec):
 def table(b):
     a = b.args
     prec = b.precision + (" (TF32 matmuls)" if b.cuda and b.precision == "fp32" else "")
-    if not b.cuda and a.precision == "bf16":
-        prec += " (bf16 autocast is CUDA-only)"
+    if a.compare_precision:
+        prec = "fp32 and bf16 autocast, interleaved" + ("" if b.cuda or cpu_has_bf16() else
+                                                        " (this CPU has no native bf16: emulated)")
+    elif not b.cuda and a.precision == "bf16" and not b.bf16:
+        prec += " (this CPU has no native bf16)"
     peak = (f"peak {b.peak:g} TFLOP/s ({'--peak-tflops' if a.peak_tflops else 'table'})" if b.peak
             else "no known peak: MFU needs --peak-tflops")
     mem = "torch.cuda.max_memory_allocated per row" if b.cuda else "process max RSS so far (getrusage), not per row"
-    lines = [f"{a.model} at {a.image_size}px (latents 4x{b.latent}x{b.latent}), batch {a.batch_size} per device, "
+    what = "pixels" if a.vae == "none" else "latents"
+    lines = [f"{a.model} at {a.image_size}px ({what} {'x'.join(map(str, b.shape))}), batch {a.batch_size} per device, "
              f"{prec}, on {b.name}",
              f"FLOPs: forward = 2 x forward_macs per image, training step = 3 x forward = 6 x MACs; "
              f"{peak}; memory: {mem}",
              "",
-             "| part | mode | what | images/s | ms/iter | TFLOP/s | MFU | peak mem GiB | syncs |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| part | mode | precision | what | images/s | ms/iter | TFLOP/s | MFU | peak mem GiB | syncs |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in b.rows:
         ips = r["images_per_s"]
-        lines.append(f"| {r['part']} | {r['mode']} | {r['what']} | {fmt(ips, '.1f' if (ips or 0) >= 10 else '.2f')} | "
+        lines.append(f"| {r['part']} | {r['mode']} | {r['precision']} | {r['what']} | "
+                     f"{fmt(ips, '.1f' if (ips or 0) >= 10 else '.2f')} | "
                      f"{fmt(r['ms'], '.1f')} | "
                      f"{fmt(r['tflops'], '.3g')} | {fmt(r['mfu'], '.1%')} | {r['peak_mem_gib']:.2f} | "
                      f"{fmt(r['syncs'], 'd')} |")
+    ratios = precision_ratios(b.rows)
+    if ratios:
+        lines += ["", "fp32 time / bf16 time (above 1: bf16 is faster): "
+                  + "; ".join(f"{part} {mode} {what}: {r:.2f}x" for (part, mode, what), r in ratios.items())]
     return "\n".join(lines)
+
+
+def precision_ratios(rows):
+    """{(part, mode, what): fp32 ms / bf16 ms} of the rows measured in both precisions."""
+    ms = {(r["part"], r["mode"], r["what"], r["precision"]): r["ms"] for r in rows if r["ms"]}
+    return {k[:3]: ms[k] / ms[(*k[:3], "bf16")] for k in ms if k[3] == "fp32" and (*k[:3], "bf16") in ms}
 
 
 def check_args(args):
     if args.model not in DiT_models:
         die(f"--model {args.model} is unknown: choose one of {', '.join(DiT_models)}")
     p = int(args.model.split("/")[-1])
-    if args.image_size % 8 or (args.image_size // 8) % p:
+    if args.vae == "none":
+        if args.image_size % p:
+            die(f"--image-size {args.image_size} is not a multiple of the patch size {p} of {args.model}")
+    elif args.channels is not None:
+        die("--channels is for pixel space: pass --vae none too, or leave --channels out (latents have 4)")
+    elif args.image_size % 8 or (args.image_size // 8) % p:
         die(f"--image-size {args.image_size} gives latents of {args.image_size / 8:g}px, not a multiple of the "
             f"patch size {p} of {args.model}: use a multiple of {8 * p}")
     bad = [x for x in args.only if x not in PARTS] + [x for x in args.modes if x not in MODES]
@@ -538,7 +600,10 @@ def main(args):
     print(table(b))
     if args.json:
         atomic_save({"model": args.model, "image_size": args.image_size, "batch_size": args.batch_size,
-                     "precision": b.precision, "device": b.name, "peak_tflops": b.peak, "proj": args.proj,
+                     "precision": b.precision, "compare_precision": args.compare_precision,
+                     "precision_ratios": {" ".join(k): v for k, v in precision_ratios(b.rows).items()},
+                     "vae": args.vae, "in_shape": list(b.shape),
+                     "device": b.name, "peak_tflops": b.peak, "proj": args.proj,
                      "device_memory_gib": device_memory(device) / 2 ** 30,
                      "warmup": args.warmup, "iters": args.iters, "score_timesteps": args.score_timesteps,
                      "flops": "forward = 2 x forward_macs per image; train step = 6 x forward_macs per image",
@@ -550,11 +615,20 @@ def get_parser():
     p = parser(__doc__)
     csv = lambda s: [x for x in s.split(",") if x]  # noqa: E731 (string defaults go through it too)
     p.add_argument("--model", default="SiT-XL/2", help="registry name, e.g. DiT-XL/2 or SiT-S/2")
-    p.add_argument("--image-size", type=int, default=256, help="image side; latents are 4 x size/8 x size/8")
+    p.add_argument("--image-size", type=int, default=256,
+                   help="image side; latents are 4 x size/8 x size/8 (pixels C x size x size with --vae none)")
+    p.add_argument("--vae", choices=["sd", "none"], default="sd",
+                   help="sd: the SD-VAE's latents; none: pixel space, as encode.py --vae none stores images")
+    p.add_argument("--channels", type=int, choices=[1, 3], default=None,
+                   help="with --vae none: 1 (grayscale) or 3 (RGB) pixel channels; None: 3")
     p.add_argument("--batch-size", type=int, default=32, help="images per step on the one device")
-    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
-                   help="bf16 autocast or fp32 (TF32 matmuls) on CUDA; CPU is always fp32, except that --only "
-                        "memory counts activations in this precision on CPU too")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="as train.py's: auto = bf16 autocast on CUDA, fp32 on CPU; bf16 also on a CPU with native "
+                        "bf16; fp32 (TF32 matmuls on CUDA). --only memory counts activations in bf16 unless fp32, "
+                        "on CPU too")
+    p.add_argument("--compare-precision", action="store_true",
+                   help="time the train and sample rows in fp32 and in bf16 autocast, interleaved, and print the "
+                        "ratios")
     p.add_argument("--num-classes", type=int, default=1000,
                    help="classes of the random labels (the label embedding has one more, the null class)")
     p.add_argument("--proj", action="store_true", help="train with a REPA projector and the projection loss")

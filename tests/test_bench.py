@@ -200,6 +200,35 @@ def test_cli_runs_every_part_on_cpu_and_writes_consistent_json(tmp_path, name):
         memory["states_gib"] + memory["fixed_gib"] + 2 * memory["activations_mib_per_image"] / 2 ** 10)
 
 
+def test_interleaved_timing_calls_each_function_in_turn_and_keeps_each_ones_times():
+    from types import SimpleNamespace
+    b = bench.Bench(SimpleNamespace(precision="fp32", compare_precision=False, peak_tflops=None, model="SiT-T/4",
+                                    vae="none", channels=1, image_size=8, warmup=1, iters=3), torch.device("cpu"))
+    calls = []
+    medians = b.time_each([lambda: calls.append("fp32"), lambda: calls.append("bf16")])
+    assert calls == ["fp32", "bf16"] * 4 and len(medians) == 2
+    assert [len(t) for t in b.all_times] == [3, 3] and b.shape == (1, 8, 8)
+
+
+def test_cli_compares_fp32_and_bf16_in_pixel_space_and_reports_their_ratios(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "bench.py", "--model", "SiT-T/4", "--vae", "none", "--channels", "1", "--image-size", "8",
+           "--batch-size", "2", "--warmup", "1", "--iters", "2", "--modes", "eager", "--only", "train,sample",
+           "--compare-precision", "--json", str(out)]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    assert [(x["part"], x["precision"]) for x in rows] == [("train", "fp32"), ("train", "bf16")] + \
+        [("sample", "fp32"), ("sample", "bf16")] * 2
+    macs = forward_macs(DiT_models["SiT-T/4"](input_size=8, in_channels=1, learn_sigma=False), 8)  # 1 x 8 x 8 pixels
+    assert [x["flops_per_image"] for x in rows] == [6 * macs] * 2 + [2 * macs] * 2 + [4 * macs] * 2
+    assert report["in_shape"] == [1, 8, 8] and "pixels 1x8x8" in r.stdout and "| train | eager | bf16 |" in r.stdout
+    ratios = report["precision_ratios"]
+    assert ratios["train eager step"] == pytest.approx(rows[0]["ms"] / rows[1]["ms"])
+    assert len(ratios) == 3 and "fp32 time / bf16 time" in r.stdout
+
+
 def test_cli_rejects_an_unknown_model_with_one_line():
     r = subprocess.run([sys.executable, "bench.py", "--model", "DiT-Q/2"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 1
