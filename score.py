@@ -47,7 +47,7 @@ Spearman of the scores with those of a network that outputs zeros on the same dr
 that has learned little ranks by the images' norms: reliably, and uselessly).
 One forward evaluates the K draws of --batch-size images (B*K rows).
 On CUDA: bf16 autocast (--precision fp32 to skip), TF32 and torch.compile (--no-compile to skip);
-fp32 eager on CPU.
+fp32 eager on CPU, bf16 autocast there with --precision bf16 where the CPU computes bf16 natively.
 """
 import argparse
 import os
@@ -57,9 +57,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from common import (Output, add_compile_flag, add_output_flags, add_time_convention_flag, check_output,
-                    cleanup_distributed, compile_on, create_logger, die, item_seed, load_dataset,
-                    load_model, parser, progress, quiet_worker, run, setup_distributed, unflipped)
+from common import (Output, add_compile_flag, add_output_flags, add_precision_flag, add_time_convention_flag,
+                    check_output, cleanup_distributed, compile_on, create_logger, die, load_dataset, load_model,
+                    parser, progress, quiet_worker, run, setup_distributed, unflipped, use_bf16)
 from diffusion import NUM_TIMESTEPS, DDPMSchedule, ReverseTime, diffusion_loss, linear_betas
 
 
@@ -294,7 +294,7 @@ def main(args):
     args.compiled = compile_on(args, device)
     if args.compiled:
         model = torch.compile(model)
-    args.bf16 = device.type == "cuda" and args.precision == "bf16"
+    args.bf16 = use_bf16(args.precision, device, print if rank == 0 else lambda _: None)
     out.start(len(labels), args.chunk_size)
     logger = create_logger(os.path.dirname(scores_path) or ".", rank, name="score", filename="score_log.txt")
     todo, start = out.remaining(), time.time()
@@ -347,8 +347,7 @@ def get_parser():
                    help="images per forward on each rank (the forward holds batch-size x num-timesteps rows)")
     p.add_argument("--num-workers", type=int, default=None, help="loader workers per rank (default 4 on CUDA, 0 on CPU)")
     add_compile_flag(p)
-    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
-                   help="network precision on CUDA: bf16 autocast or fp32 (TF32 matmuls); CPU is always fp32")
+    add_precision_flag(p)
     add_output_flags(p, 4096, "images")
     return p
 
