@@ -1,29 +1,52 @@
 """
 FID, sFID, Inception Score, precision and recall as the ADM evaluator (openai/guided-diffusion
-evaluations/evaluator.py) computes them, in PyTorch. Needs no other file of this repository.
+evaluations/evaluator.py) computes them, in PyTorch; and, for data the Inception network does not suit or where
+its weights cannot be had (offline), the Frechet distance (FD), precision and recall in two other feature spaces.
 
 Inputs, SAMPLES and --ref, each one of
-  - an .npz with arr_0: uint8 images (N, H, W, 3), as sample.py and ADM's reference batches write it; a reference
-    batch (VIRTUAL_imagenet256_labeled.npz) also holds mu/sigma/mu_s/sigma_s, used for FID/sFID as ADM does;
-  - a folder of images (png/jpg/..., searched recursively, all of one resolution);
-  - a statistics .npz (mu, sigma, mu_s, sigma_s; optionally feats and logits), e.g. from --save-stats.
+  - an .npz with arr_0: uint8 images (N, H, W, 3), or grayscale (N, H, W) or (N, H, W, 1), as sample.py and ADM's
+    reference batches write it; optionally labels (N,): the class each sample was asked for (sample.py writes it).
+    A reference batch (VIRTUAL_imagenet256_labeled.npz) also holds mu/sigma/mu_s/sigma_s, used for FID/sFID as ADM does;
+  - a folder of images (png/jpg/..., searched recursively; one of class subfolders only is labelled, as encode.py
+    reads it);
+  - an encode.py dataset directory (latents.npy, labels.npy, meta.json): its pixels when made with --vae none,
+    else (or at another size) its source images, meta.json source + files.txt;
+  - a statistics .npz (mu, sigma, mu_s, sigma_s; optionally feats, logits, features), e.g. from --save-stats.
+Folders and dataset directories are read as encode.py reads images, the ADM center crop (common.ImageCrops), at
+the samples' resolution (arr_0's side; --image-size overrides), so a reference of other or mixed sizes is fine.
 Outputs, written only when the whole run succeeds: the metrics on stdout and in a JSON file (--out, default
 SAMPLES_fid.json), with --save-stats also SIDE_stats.npz beside each side given as images. Metrics the inputs
 cannot give (precision/recall against statistics only, IS without logits) are reported as not available.
 
-Inception: the TF "2015-12-05" FID graph, written out here, with pytorch-fid's weights file
-(pt_inception-2015-12-05-6726825d.pth). Preprocessing as ADM feeds that graph: TF1 resize_bilinear to 299
-(align_corners=False, no half-pixel centres), then (x - 128) / 128. Features: pool_3 (2048) for FID, precision,
-recall; mixed_6/conv (Mixed_6d.branch1x1), first 7 channels, 17x17, NHWC order (2023) for sFID; pool_3 @ fc.weight.T
-(1008 logits, no bias) for IS.
-That graph and the resize, written out below so that this file needs neither pytorch-fid nor TensorFlow (about
-105 code lines, compared with pytorch-fid's modules and TF1's formula in tests/test_fid.py), are what take it past
-400 code lines.
+Feature spaces (--features); the JSON names the one used ("features"), as FDs of two spaces do not compare:
+  inception   (default) FID, sFID, IS, precision, recall. The TF "2015-12-05" FID graph, written out here, with
+              pytorch-fid's weights file (pt_inception-2015-12-05-6726825d.pth). Preprocessing as ADM feeds that
+              graph: TF1 resize_bilinear to 299 (align_corners=False, no half-pixel centres), then (x - 128) / 128.
+              Features: pool_3 (2048) for FID, precision, recall; mixed_6/conv (Mixed_6d.branch1x1), first 7
+              channels, 17x17, NHWC order (2023) for sFID; pool_3 @ fc.weight.T (1008 logits, no bias) for IS.
+              That graph and the resize are written out below so that this file needs neither pytorch-fid nor
+              TensorFlow (compared with pytorch-fid's modules and TF1's formula in tests/test_fid.py).
+  classifier  fd, precision, recall on the 128-d features (global average pool) of a small CNN trained here, on
+              the CPU in a minute or two, on labelled real images (--classifier-data; default --ref when it is a
+              class folder or a dataset directory) at the samples' resolution and channels, inputs x / 127.5 - 1.
+              It is cached (--classifier), so later runs reuse it; its accuracy on a fixed stratified 10% of its
+              data, held out of training, is reported. With labels, also the share of the samples it assigns to
+              the class asked for (class_accuracy) and the same on the reference (ref_class_accuracy).
+  dinov2      fd, precision, recall on the CLS token of DINOv2 (--dinov2: a local official or timm-layout .pth, or
+              a name to download) at 224 px (bicubic resize, ImageNet mean/std).
+Grayscale: the classifier sees one channel when the samples have one, or when their three channels are equal and
+every reference image is grayscale; Inception and DINOv2 always see three (gray replicated).
+
+Copied alone into another repository, fid.py computes the Inception metrics of .npz inputs (images or statistics);
+image folders, dataset directories and --features classifier/dinov2 need common.py of this repository beside it.
 
     python fid.py samples.npz --ref VIRTUAL_imagenet256_labeled.npz
+    python fid.py samples/mine.npz --ref my_images --features classifier
 """
 import argparse
+import hashlib
 import json
+import math
 import os
 import signal
 import socket
@@ -45,12 +68,16 @@ from scipy.special import softmax, xlogy
 from tqdm import tqdm
 
 FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
+FEATURES = ("inception", "classifier", "dinov2")
 METRICS = ("fid", "sfid", "is", "precision", "recall")
-NAMES = {"fid": "FID", "sfid": "sFID", "is": "Inception Score", "precision": "Precision", "recall": "Recall"}
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+NAMES = {"fid": "FID", "sfid": "sFID", "is": "Inception Score", "precision": "Precision", "recall": "Recall",
+         "class_accuracy": "Class accuracy", "ref_class_accuracy": "Class accuracy (ref)"}
+SPACE_NAMES = {"classifier": "classifier features", "dinov2": "DINOv2 features"}
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s", "feats", "logits")
 SAVE_IMAGES = "save images with np.savez(path, arr_0=uint8 (N, H, W, 3) array) " \
               "or pass a statistics npz from --save-stats"
+OFFLINE_WAYS = "or pass --features classifier (a classifier trained on the labelled reference, offline) " \
+               "or --features dinov2 --dinov2 LOCAL.pth"
 
 
 def die(msg):
@@ -158,10 +185,11 @@ def _attempt(why, names, fn, *args):
         why.update(dict.fromkeys(names, str(e)))
 
 
-def compute_metrics(samples, ref, k=3, is_splits=10):
+def compute_metrics(samples, ref, k=3, is_splits=10, fp16=True):
     """
     samples, ref: dicts of feats (N, D): FID, precision, recall; spatial: sFID; logits: IS (samples only);
-    mu/sigma, mu_s/sigma_s: statistics used instead. Returns ({metric: float or None}, {metric: why None}).
+    mu/sigma, mu_s/sigma_s: statistics used instead. fp16: ADM's float16 distances for precision and recall.
+    Returns ({metric: float or None}, {metric: why None}).
     """
     values, why = {}, {}
     for name, key, suffix in (("fid", "feats", ""), ("sfid", "spatial", "_s")):
@@ -177,7 +205,7 @@ def compute_metrics(samples, ref, k=3, is_splits=10):
         why["is"] = "needs the samples' class logits (images, or a statistics file with logits)"
     if "feats" in samples and "feats" in ref:
         values["precision"], values["recall"] = _attempt(
-            why, ["precision", "recall"], precision_recall, ref["feats"], samples["feats"], k) or (None, None)
+            why, ["precision", "recall"], precision_recall, ref["feats"], samples["feats"], k, fp16) or (None, None)
     else:
         why["precision"] = why["recall"] = "needs per-image features on both sides (images, or feats in statistics)"
     return {m: values.get(m) for m in METRICS}, why
@@ -331,16 +359,19 @@ def _check_online(url):
         socket.create_connection((parts.hostname, parts.port or {"http": 80}.get(parts.scheme, 443)), timeout=3).close()
     except OSError:
         die(f"cannot download {url} (no network?): download it where there is one and pass the local path with "
-            "--inception-weights PATH")
+            f"--inception-weights PATH, {OFFLINE_WAYS}")
+
+
+def _check_inception_path(weights):
+    if not weights.startswith(("http://", "https://")) and not os.path.isfile(weights):
+        die(f"--inception-weights {weights} does not exist: give pt_inception-2015-12-05-6726825d.pth or its URL, "
+            + OFFLINE_WAYS)
 
 
 def load_inception(weights, device):
     """The network with weights from a path or URL in the pytorch-fid format, loaded strictly."""
     url = weights.startswith(("http://", "https://"))
-    if url:
-        _check_online(weights)
-    elif not os.path.isfile(weights):
-        die(f"--inception-weights {weights} does not exist: give pt_inception-2015-12-05-6726825d.pth or its URL")
+    _check_online(weights) if url else _check_inception_path(weights)
     try:
         state = torch.hub.load_state_dict_from_url(weights, map_location="cpu", progress=sys.stderr.isatty(),
                                                    weights_only=True) if url else \
@@ -350,80 +381,65 @@ def load_inception(weights, device):
     except Exception as e:  # noqa: BLE001 (download, unpickling, a non-dict, other keys or shapes: one fix)
         detail = ([line.strip() for line in str(e).splitlines() if line.strip()] or [""])[-1][:200]
         die(f"--inception-weights {weights}: cannot load the FID Inception from it ({type(e).__name__}: {detail}); "
-            f"pass a local copy of {FID_WEIGHTS_URL}")
+            f"pass a local copy of {FID_WEIGHTS_URL}{', ' + OFFLINE_WAYS if url else ''}")
     return net.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
 
 
-# ----------------------------------------------------------------------------- reading the two sides
+# ----------------------------------------------------------------------------- reading the sides
+
+def _common(what):
+    """common.py of this repository, which `what` needs (fid.py copied alone reads .npz files only)."""
+    try:
+        import common
+    except ImportError:
+        die(f"{what} needs common.py of the D2C repository beside fid.py; copied alone, fid.py reads .npz images and "
+            "statistics with --features inception")
+    return common
+
 
 def _npz_images(path, flag):
     """arr_0's header and a reader of its rows that never holds the whole array (50K images are ~10 GB)."""
     def corrupt(why):
         die(f"{flag} {path} is truncated or corrupt ({why}); write it again: {SAVE_IMAGES}")
 
-    try:
-        f = zipfile.ZipFile(path).open("arr_0.npy")
-        shape, fortran, dtype = getattr(np.lib.format, "read_array_header_%d_%d" % np.lib.format.read_magic(f))(f)
-    except Exception as e:  # noqa: BLE001
-        corrupt(f"{type(e).__name__} in the arr_0 header")
+    def open_rows():
+        try:
+            f = zipfile.ZipFile(path).open("arr_0.npy")
+            return f, getattr(np.lib.format, "read_array_header_%d_%d" % np.lib.format.read_magic(f))(f)
+        except Exception as e:  # noqa: BLE001
+            corrupt(f"{type(e).__name__} in the arr_0 header")
 
-    def batches(bs):
+    f, (shape, fortran, dtype) = open_rows()
+    f.close()
+
+    def batches(bs):  # each call reads the file from its start
+        f, _ = open_rows()
         row = int(np.prod(shape[1:])) * dtype.itemsize
-        for i in range(0, shape[0], bs):
-            try:
-                buf = f.read(min(bs, shape[0] - i) * row)
-            except Exception as e:  # noqa: BLE001 (zipfile's CRC check, zlib of a compressed npz)
-                corrupt(f"{type(e).__name__} after {i} images")
-            if len(buf) != min(bs, shape[0] - i) * row:
-                corrupt(f"arr_0 ends after {i + len(buf) // row} of {shape[0]} images")
-            yield np.frombuffer(bytearray(buf), dtype=dtype).reshape(-1, *shape[1:])  # writable for torch
+        with f:
+            for i in range(0, shape[0], bs):
+                try:
+                    buf = f.read(min(bs, shape[0] - i) * row)
+                except Exception as e:  # noqa: BLE001 (zipfile's CRC check, zlib of a compressed npz)
+                    corrupt(f"{type(e).__name__} after {i} images")
+                if len(buf) != min(bs, shape[0] - i) * row:
+                    corrupt(f"arr_0 ends after {i + len(buf) // row} of {shape[0]} images")
+                yield np.frombuffer(bytearray(buf), dtype=dtype).reshape(-1, *shape[1:])  # writable for torch
     if fortran:
         die(f"{flag} {path}: arr_0 is Fortran-ordered; {SAVE_IMAGES}, made C-ordered with np.ascontiguousarray")
     return shape, dtype, batches
 
 
-def _read_image(path):
-    from PIL import Image
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except Exception as e:  # noqa: BLE001
-        die(f"{path}: cannot read the image ({type(e).__name__}: {e}); remove or convert it")
-
-
-def _folder_images(folder):
-    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs if f.lower().endswith(IMAGE_EXTS))
-    if len(files) < 2:
-        die(f"{folder} holds {len(files)} images ({', '.join(IMAGE_EXTS)}); at least 2 are needed")
-    first = _read_image(files[0])
-
-    def batches(bs):
-        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as ex:
-            for i in range(0, len(files), bs):
-                imgs = list(ex.map(_read_image, files[i:i + bs]))
-                for p, im in zip(files[i:i + bs], imgs):
-                    if im.shape != first.shape:
-                        die(f"{p} is {im.shape[1]}x{im.shape[0]} but {files[0]} is {first.shape[1]}x{first.shape[0]}; "
-                            f"all images of {folder} must have one resolution")
-                yield np.stack(imgs)
-    return (len(files), *first.shape), batches
-
-
-def open_side(path, flag):
-    """
-    Check one side from its headers and return (dict of what it stores, images): images is None or
-    (shape, batches(bs) -> iterator of uint8 (B, H, W, 3) arrays). Exits with a clear error on bad input.
-    """
-    if not os.path.exists(path):
-        die(f"{flag} {path} does not exist: give an .npz (arr_0 images or mu/sigma statistics) or a folder of images")
-    if os.path.isdir(path):
-        return {}, _folder_images(path)
+def _npz_side(path, flag):
     try:
         npz = np.load(path)
         if not isinstance(npz, np.lib.npyio.NpzFile):
             die(f"{flag} {path} is a single .npy array, not an .npz: {SAVE_IMAGES}")
         keys = set(npz.files)
         stored = {k: npz[k] for k in STAT_KEYS if k in keys}
+        space = str(npz["features"]) if "features" in keys else "inception"  # files before the key: Inception's
+        labels = npz["labels"] if "labels" in keys else None
+    except SystemExit:
+        raise
     except Exception as e:  # noqa: BLE001 (zipfile, zlib, pickle and format errors all mean: write it again)
         die(f"{flag} {path} is not a readable .npz, maybe truncated or corrupt ({type(e).__name__}: "
             f"{(str(e).splitlines() or [''])[0][:100]}); write it again: {SAVE_IMAGES}")
@@ -437,12 +453,192 @@ def open_side(path, flag):
         if not stored:
             die(f"{flag} {path} has neither arr_0 images nor mu/sigma statistics (keys: {', '.join(sorted(keys))[:60]}): "
                 + SAVE_IMAGES)
-        return stored, None
+        return dict(kind="stats", path=path, flag=flag, stored=stored, space=space)
     shape, dtype, batches = _npz_images(path, flag)
-    if len(shape) != 4 or shape[3] != 3 or shape[0] < 2 or dtype != np.uint8:
+    if len(shape) not in (3, 4) or len(shape) == 4 and shape[3] not in (1, 3) or shape[0] < 2 or dtype != np.uint8:
         die(f"{flag} {path}: arr_0 is {dtype} of shape {shape}; expected at least 2 C-ordered uint8 (N, H, W, 3) "
-            "images (from [-1, 1] floats: ((x + 1) * 127.5).round().clip(0, 255).astype(np.uint8))")
-    return stored, (shape, batches)
+            "images, or grayscale (N, H, W) (from [-1, 1] floats: ((x + 1) * 127.5).round().clip(0, 255).astype(np.uint8))")
+    if labels is not None and (labels.shape != shape[:1] or labels.dtype.kind not in "iu"):
+        die(f"{flag} {path}: labels is {labels.dtype} of shape {labels.shape}; expected ({shape[0]},) integers, the "
+            "class of each image, or no labels")
+    return dict(kind="npz", path=path, flag=flag, stored=stored, n=shape[0], hw=shape[1:3],
+                channels=shape[3] if len(shape) == 4 else 1, raw=batches, labels=labels, class_names=None)
+
+
+def _headers(files, flag):
+    """(sizes, modes) of the images, read off their headers (no pixel is decoded); an unreadable one stops here."""
+    from PIL import Image
+
+    def one(p):
+        try:
+            with Image.open(p) as im:
+                return im.size, im.mode
+        except Exception as e:  # noqa: BLE001 (PIL raises many types for a broken file)
+            die(f"{flag} {p}: cannot read the image ({type(e).__name__}: {e}); remove or convert it")
+    with ThreadPoolExecutor(8) as ex:  # file opening waits on the disk: threads overlap it
+        sizes, modes = zip(*ex.map(one, files))
+    return list(sizes), list(modes)
+
+
+def _folder_side(path, flag):
+    """An image folder, searched recursively; labelled (find_images' order) when all its images lie in class
+    subfolders and every subfolder holds some."""
+    common = _common(f"{flag} {path} (an image folder)")
+    exts = common.IMG_EXTENSIONS
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.lower().endswith(exts))
+    if len(files) < 2:
+        die(f"{flag} {path} holds {len(files)} images ({' '.join(exts)}); at least 2 are needed")
+    rel = [os.path.relpath(f, path) for f in files]
+    labels = class_names = None
+    if all(os.sep in r for r in rel) and {r.split(os.sep)[0] for r in rel} == {e.name for e in os.scandir(path) if e.is_dir()}:
+        class_names, rel, labels = common.find_images(path, flag)
+        files, labels = [os.path.join(path, r) for r in rel], np.asarray(labels, np.int64)
+    sizes, modes = _headers(files, flag)
+    return dict(kind="folder", path=path, flag=flag, stored={}, n=len(files), files=files, sizes=sizes,
+                gray=all(m in common.GRAY_MODES for m in modes), labels=labels, class_names=class_names)
+
+
+def _dataset_side(path, flag):
+    common = _common(f"{flag} {path} (a dataset directory)")
+    latents, labels, meta = common.load_dataset(path)
+    pixels = meta.get("vae") == "none"
+    if len(latents) < 2:
+        die(f"{flag} {path} holds {len(latents)} images; at least 2 are needed")
+    return dict(kind="dataset", path=path, flag=flag, stored={}, n=len(latents), latents=common.unflipped(latents),
+                labels=labels, class_names=meta.get("class_names"), meta=meta, pixels=pixels,
+                size=meta["image_size"], channels=meta.get("channels") or (latents.shape[-3] if pixels else 3))
+
+
+def open_side(path, flag):
+    """Check one side from its headers: a dict with kind npz (images), stats, folder or dataset, and what it
+    stores. Exits with a clear error on bad input; no pixel is read yet."""
+    if not os.path.exists(path):
+        die(f"{flag} {path} does not exist: give an .npz (arr_0 images or mu/sigma statistics), a folder of images "
+            "or an encode.py dataset directory")
+    if os.path.isdir(path):
+        is_dataset = os.path.exists(os.path.join(path, "latents.npy"))
+        return _dataset_side(path, flag) if is_dataset else _folder_side(path, flag)
+    return _npz_side(path, flag)
+
+
+def has_images(side):
+    return side["kind"] != "stats"
+
+
+def _square_size(side):
+    """The side length of a side's images when they are all square of one size, else None."""
+    if side["kind"] == "npz":
+        return side["hw"][0] if side["hw"][0] == side["hw"][1] else None
+    if side["kind"] == "folder":
+        sizes = set(side["sizes"])
+        return sizes.pop()[0] if len(sizes) == 1 and next(iter(sizes))[0] == next(iter(sizes))[1] else None
+    return side.get("size")
+
+
+def _from_sources(side, size):
+    """Whether a dataset directory is read from its source images: made with a VAE, or at another size."""
+    return side["kind"] == "dataset" and (not side["pixels"] or side["size"] != size)
+
+
+def _check_sources(side, size):
+    """A dataset directory read from its source images (meta.json source + files.txt): every one must be there."""
+    if "files" in side:
+        return
+    path, meta = side["path"], side["meta"]
+    why = "made with --vae " + str(meta.get("vae")) if not side["pixels"] else f"stored at {side['size']} px, not {size}"
+    listing = os.path.join(path, "files.txt")
+    rows = open(listing).read().splitlines() if os.path.isfile(listing) else []
+    if len(rows) != side["n"]:
+        die(f"{side['flag']} {path} is {why}, so its source images are read, but {listing} is missing or has {len(rows)} "
+            f"rows for {side['n']} images: pass the image folder it was made from instead")
+    files = [os.path.join(meta.get("source", ""), r) for r in rows]
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        die(f"{side['flag']} {path} is {why}, so its source images are read, but {len(missing)} are gone (first: "
+            f"{missing[0]}): restore them or pass the image folder instead")
+    side["files"] = files
+
+
+def _pixels(side, lo, hi):
+    """uint8 (B, H, W, C) rows of a --vae none dataset: its latents are x / 127.5 - 1 (exact through float16)."""
+    x = np.asarray(side["latents"][lo:hi], dtype=np.float32)
+    return np.rint((x + 1) * 127.5).clip(0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def _equal_channels(batches):
+    return all(b.shape[-1] == 1 or ((b[..., 1:] == b[..., :1]).all()) for b in batches)
+
+
+def is_gray(side):
+    """Whether every image of a side is grayscale: a gray PIL mode in a folder, one channel, three equal ones, or
+    meta.json channels 1 of a dataset directory. Statistics have no images to say otherwise."""
+    if side["kind"] == "folder":
+        return side["gray"]
+    if side["kind"] == "dataset":
+        if "channels" in side["meta"]:
+            return side["meta"]["channels"] == 1
+        return side["pixels"] and _equal_channels(_pixels(side, i, i + 4096) for i in range(0, side["n"], 4096))
+    if side["kind"] == "npz":
+        return side["channels"] == 1 or _equal_channels(side["raw"](4096))
+    return True
+
+
+def single_channel(side):
+    return side["kind"] == "npz" and side["channels"] == 1 or side["kind"] == "folder" and side["gray"] \
+        or side["kind"] == "dataset" and side["channels"] == 1
+
+
+def _convert(batch, size, channels):
+    """uint8 (B, H, W, c) -> (B, size, size, channels): gray replicated, RGB to PIL's "L", and the ADM center crop
+    to size (None: as it is), all as encode.py's ImageCrops does to a file."""
+    b, h, w, c = batch.shape
+    if (size is None or (h, w) == (size, size)) and c == channels:
+        return batch
+    if (size is None or (h, w) == (size, size)) and c == 1:
+        return np.repeat(batch, channels, axis=3)  # what PIL's "L" -> "RGB" does
+    from PIL import Image
+    from common import center_crop_arr
+    out = []
+    for img in batch:
+        im = Image.fromarray(img[..., 0] if c == 1 else img, "L" if c == 1 else "RGB").convert("L" if channels == 1 else "RGB")
+        arr = center_crop_arr(im, size) if size is not None and im.size != (size, size) else np.asarray(im)
+        out.append(arr.reshape(arr.shape[0], arr.shape[1], channels))
+    return np.stack(out)
+
+
+def side_images(side, size, channels):
+    """(n, batches(bs) -> uint8 (B, size, size, channels) arrays) of one side. Files go through encode.py's
+    ImageCrops (the ADM center crop to size); an .npz's images are converted alike, or kept at their own size
+    when size is None."""
+    n, flag = side["n"], side["flag"]
+    if "array" in side:  # already in memory (the classifier's training images)
+        return n, lambda bs: (_convert(side["array"][i:i + bs], size, channels) for i in range(0, n, bs))
+    if side["kind"] == "npz":
+        return n, lambda bs: (_convert(b.reshape(*b.shape[:3], -1), size, channels) for b in side["raw"](bs))
+    if side["kind"] == "dataset" and not _from_sources(side, size):
+        return n, lambda bs: (_convert(_pixels(side, i, i + bs), size, channels) for i in range(0, n, bs))
+    if side["kind"] == "dataset":
+        _check_sources(side, size)
+    common = _common(f"{flag} {side['path']}")
+    files = side["files"]
+
+    def batches(bs):
+        rows = [list(range(i, min(i + bs, n))) for i in range(0, n, bs)]
+        workers = common.default_workers() if n >= 1000 else 0  # worker start-up costs more than a small folder
+        for idx, img, errors in common.crop_loader(files, size, rows, workers, torch.device("cpu"), channels):
+            for i, e in zip(idx.tolist(), errors):
+                if e:
+                    die(f"{flag} {files[i]}: cannot read the image ({e}); remove or convert it")
+            yield img.permute(0, 2, 3, 1).numpy()
+    return n, batches
+
+
+def load_images(side, size, channels, batch_size=1000):
+    """Every image of a side in memory, uint8 (N, size, size, channels), kept for a second use."""
+    if "array" not in side:
+        n, batches = side_images(side, size, channels)
+        side["array"] = np.concatenate(list(batches(batch_size)))
+    return _convert(side["array"], size, channels)
 
 
 def _prefetch(batches):
@@ -456,22 +652,290 @@ def _prefetch(batches):
 
 
 @torch.no_grad()
-def inception_features(net, images, batch_size, device, desc):
-    """Run the images of one side through the network: (feats, spatial, logits) float32 arrays, images/s."""
-    (n, *_), batches = images
-    out = [np.empty((n, d), np.float32) for d in (2048, 7 * 17 * 17, 1008)]
-    i, t0, shown = 0, time.time(), time.time()
+def extract(fn, images, batch_size, desc):
+    """fn (uint8 (B, H, W, C) -> {name: (B, ...) array}) over every image of one side: ({name: (N, ...)}, images/s)."""
+    n, batches = images
+    out, i, t0, shown = {}, 0, time.time(), time.time()
     with tqdm(total=n, desc=desc, unit="img", disable=not sys.stderr.isatty()) as bar:
         for b in _prefetch(batches(batch_size)):
-            x = torch.from_numpy(b).to(device).permute(0, 3, 1, 2).float()
-            for o, f in zip(out, net(x.contiguous(memory_format=torch.channels_last))):
-                o[i:i + len(b)] = f.cpu().numpy()
+            for name, v in fn(b).items():
+                out.setdefault(name, np.empty((n, *v.shape[1:]), v.dtype))[i:i + len(b)] = v
             i += len(b)
             bar.update(len(b))
             if bar.disable and time.time() - shown > 5:  # a log file gets a plain line now and then, no '\r' redraws
                 log(f"{desc}: {i}/{n} images")
                 shown = time.time()
-    return (*out, n / (time.time() - t0))
+    return out, n / (time.time() - t0)
+
+
+# ----------------------------------------------------------------------------- the classifier feature space
+
+CLASSIFIER_WIDTHS = (32, 64, 128)
+CLASSIFIER_VERSION = 1  # in the cache key: another architecture or recipe trains anew
+CLASSIFIER_BATCH, CLASSIFIER_LR = 128, 3e-3
+CLASSIFIER_EPOCHS, CLASSIFIER_MIN_STEPS = 3, 600
+HELDOUT = 0.1
+
+
+class Classifier(nn.Module):
+    """
+    A small CNN for 8 to 64 px images: per stage a 3x3 convolution (stride 2 while the side is at least 8),
+    batch norm, ReLU; global average pool -> features (widths[-1]) -> linear -> class logits.
+    """
+
+    def __init__(self, channels, image_size, num_classes, widths=CLASSIFIER_WIDTHS):
+        super().__init__()
+        layers, side, cin = [], image_size, channels
+        for w in widths:
+            stride = 2 if side >= 8 else 1
+            side = (side - 1) // stride + 1
+            layers += [nn.Conv2d(cin, w, 3, stride, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU()]
+            cin = w
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(cin, num_classes)
+
+    def forward(self, images):
+        """uint8 (N, C, S, S) -> features (N, widths[-1]), logits (N, num_classes)."""
+        f = self.body(images.float() / 127.5 - 1).mean((2, 3))
+        return f, self.head(f)
+
+
+def heldout_split(labels, fraction=HELDOUT):
+    """(train rows, held-out rows): of each class, round(fraction * n) rows (at least one of a class of two or
+    more) drawn with seed 0 whatever --classifier-seed, so that every seed is measured on the same rows."""
+    rng = np.random.default_rng(0)
+    held = [rng.permutation(rows)[:max(1, round(fraction * len(rows))) if len(rows) > 1 else 0]
+            for rows in (np.flatnonzero(labels == c) for c in np.unique(labels))]
+    held = np.sort(np.concatenate(held))
+    return np.setdiff1d(np.arange(len(labels)), held), held
+
+
+def default_epochs(n_train):
+    """3 passes, or on a small set as many as make CLASSIFIER_MIN_STEPS steps (a few passes learn nothing there)."""
+    return max(CLASSIFIER_EPOCHS, math.ceil(CLASSIFIER_MIN_STEPS / math.ceil(n_train / CLASSIFIER_BATCH)))
+
+
+def train_classifier(images, labels, num_classes, epochs, seed, device):
+    """Train on all but the held-out rows: (network in eval mode, held-out accuracy or None, #train, #held out)."""
+    train, held = heldout_split(labels)
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(labels)
+    net = Classifier(x.shape[1], x.shape[2], num_classes).to(device)
+    steps = epochs * math.ceil(len(train) / CLASSIFIER_BATCH)
+    opt = torch.optim.AdamW(net.parameters(), CLASSIFIER_LR, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, CLASSIFIER_LR, total_steps=steps, pct_start=0.15)
+    t0 = time.time()
+    for epoch in range(epochs):
+        net.train()
+        for rows in torch.from_numpy(train)[torch.randperm(len(train), generator=g)].split(CLASSIFIER_BATCH):
+            if len(rows) > 1:  # batch norm needs two images
+                loss = F.cross_entropy(net(x[rows].to(device))[1], y[rows].to(device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            sched.step()
+        log(f"classifier: epoch {epoch + 1}/{epochs}, loss {loss.item():.3f}, {time.time() - t0:.0f} s")
+    net.eval()
+    acc = None
+    if len(held):
+        with torch.no_grad():
+            pred = torch.cat([net(x[torch.from_numpy(r)].to(device))[1].argmax(1).cpu()
+                              for r in np.array_split(held, math.ceil(len(held) / 1000))])
+        acc = float((pred == y[held]).double().mean())
+    return net, acc, len(train), len(held)
+
+
+def cache_dir():
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "d2c", "classifiers")
+
+
+def data_identity(side, size):
+    """What a classifier's training data is, for the cache key: its path and every file's size and mtime
+    (a dataset directory: its arrays' and meta.json, and its source files when they are read)."""
+    def stat(p):
+        st = os.stat(p)
+        return f"{st.st_size} {st.st_mtime_ns}"
+
+    ident = {"path": os.path.realpath(side["path"]), "count": side["n"]}
+    if side["kind"] == "dataset":
+        ident.update(meta=side["meta"], arrays=[stat(os.path.join(side["path"], f)) for f in ("latents.npy", "labels.npy")])
+    if _from_sources(side, size):
+        _check_sources(side, size)
+    files = side.get("files") if side["kind"] == "folder" or _from_sources(side, size) else None
+    if files:
+        lines = (f"{lab} {os.path.relpath(p, side['path'])} {stat(p)}" for p, lab in zip(files, side["labels"]))
+        ident["files_sha1"] = hashlib.sha1("\n".join(lines).encode()).hexdigest()
+    return ident
+
+
+def data_key(side, size):
+    return hashlib.sha1(json.dumps(data_identity(side, size), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def classifier_key(data, size, channels, epochs, seed):
+    blob = json.dumps(dict(data=data, image_size=size, channels=channels, epochs=epochs, seed=seed,
+                           widths=CLASSIFIER_WIDTHS, version=CLASSIFIER_VERSION), sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def read_classifier(path):
+    """A classifier file's contents, or a clear error."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 (truncated zip, pickle errors, not a torch file)
+        die(f"--classifier {path} is damaged or not a PyTorch file ({type(e).__name__}); delete it to train again, "
+            "or pass another --classifier")
+    need = ("state_dict", "key", "channels", "image_size", "num_classes", "widths")
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in need):
+        die(f"--classifier {path} is not a classifier that fid.py wrote (it needs {', '.join(need)}); delete it to "
+            "train again, or pass another --classifier")
+    return ckpt
+
+
+def _labelled(side):
+    return side is not None and side["kind"] in ("folder", "dataset") and side["labels"] is not None
+
+
+def plan_classifier(args, sides, size, writes):
+    """
+    Settle the classifier before any network loads or trains: the file to reuse or to write, its training data,
+    resolution and channels, and the checks on them. Returns a dict (path, key, size, channels, num_classes,
+    class_names, ckpt: the loaded file or None, train: the side to train on or None, epochs).
+    """
+    samples, ref = sides["samples"], sides["ref"]
+    data = None
+    if args.classifier_data:
+        data = open_side(args.classifier_data, "--classifier-data")
+        if not _labelled(data):
+            kind = {"npz": "an .npz", "stats": "a statistics file", "folder": "a folder without class subfolders"}
+            die(f"--classifier-data {args.classifier_data} is {kind[data['kind']]}, without class labels: give an image "
+                "folder of one subfolder per class (as encode.py reads) or an encode.py dataset directory")
+    elif _labelled(ref):
+        data = ref
+    if args.classifier and os.path.isfile(args.classifier):
+        ckpt = read_classifier(args.classifier)
+        if size is not None and size != ckpt["image_size"]:
+            die(f"--classifier {args.classifier} was trained at {ckpt['image_size']} px but the samples are {size} px: "
+                "pass --image-size {0} or train another (--classifier NEW.pt)".format(ckpt["image_size"]))
+        plan = dict(path=args.classifier, ckpt=ckpt, train=None, **{k: ckpt[k] for k in ("key", "channels", "image_size",
+                    "num_classes")}, class_names=ckpt.get("class_names"))
+        if args.classifier_data and data_key(data, ckpt["image_size"]) != ckpt.get("data_key"):
+            die(f"--classifier {args.classifier} was trained on other data ({ckpt.get('trained_on')}) than "
+                f"--classifier-data {args.classifier_data}: delete it to train again, pass another --classifier, or "
+                "drop --classifier-data to use it as it is")
+        return plan
+    if data is None:
+        kind = {"npz": "an .npz without class folders", "stats": "a statistics file", "folder": "a folder without class subfolders"}
+        die(f"--features classifier trains on labelled real images, and --ref {args.ref} is {kind[ref['kind']]}: pass "
+            "--classifier-data CLASS_FOLDER (one subfolder per class) or an encode.py dataset directory, or --classifier "
+            "FILE.pt of an earlier run")
+    if size is None:
+        die(f"the resolution to train the classifier at is unknown (SAMPLES {args.samples} holds no images of one square "
+            "size): pass --image-size")
+    if _from_sources(data, size):
+        _check_sources(data, size)
+    channels = 1 if single_channel(samples) or all(is_gray(s) for s in (ref, data)) and is_gray(samples) else 3
+    train, _ = heldout_split(data["labels"])
+    num_classes = len(data["class_names"]) if data["class_names"] else int(data["meta"]["num_classes"])
+    if len(train) < 2 or num_classes < 2:
+        die(f"--classifier-data {data['path']}: {data['n']} images in {num_classes} classes are too few to train a "
+            "classifier; give at least 2 classes and a few images of each")
+    epochs = args.classifier_epochs or default_epochs(len(train))
+    dkey = data_key(data, size)
+    key = classifier_key(dkey, size, channels, epochs, args.classifier_seed)
+    path = args.classifier or os.path.join(cache_dir(), f"{key}.pt")
+    plan = dict(path=path, key=key, data_key=dkey, channels=channels, image_size=size, num_classes=num_classes,
+                class_names=data["class_names"], ckpt=None, train=data, epochs=epochs, seed=args.classifier_seed)
+    if os.path.isfile(path):
+        plan.update(ckpt=read_classifier(path), train=None)
+        return plan
+    if args.classifier is None:
+        try:
+            os.makedirs(cache_dir(), exist_ok=True)
+        except OSError as e:
+            die(f"cannot create the classifier cache {cache_dir()} ({e.strerror}); pass --classifier FILE.pt in a "
+                "writable place, or set XDG_CACHE_HOME")
+    writes(path, "--classifier", "choose another --classifier")
+    return plan
+
+
+def classifier_net(plan, device):
+    """The planned classifier: loaded from its file, or trained now and saved there atomically."""
+    common = _common("--features classifier")
+    if plan["ckpt"] is not None:
+        ckpt = plan["ckpt"]
+        net = Classifier(ckpt["channels"], ckpt["image_size"], ckpt["num_classes"], tuple(ckpt["widths"]))
+        try:
+            net.load_state_dict(ckpt["state_dict"])
+        except RuntimeError as e:
+            die(f"--classifier {plan['path']} does not fit fid.py's classifier ({str(e).splitlines()[-1].strip()[:200]}); "
+                "delete it to train again")
+        acc = ckpt.get("heldout_accuracy")
+        log(f"classifier: reusing {plan['path']} (trained on {ckpt.get('trained_on')}, held-out accuracy "
+            f"{'n/a' if acc is None else f'{acc:.4f}'})")
+        return net.to(device).eval().requires_grad_(False), ckpt
+    data, size, channels = plan["train"], plan["image_size"], plan["channels"]
+    log(f"classifier: training on {data['path']} ({data['n']} images, {plan['num_classes']} classes) at {size} px, "
+        f"{channels} channel(s), {plan['epochs']} epochs, seed {plan['seed']}; it will be saved as {plan['path']}")
+    images = load_images(data, size, channels)
+    t0 = time.time()
+    if device.type == "cuda":
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    net, acc, n_train, n_held = train_classifier(images, data["labels"], plan["num_classes"], plan["epochs"],
+                                                 plan["seed"], device)
+    ckpt = dict(version=CLASSIFIER_VERSION, key=plan["key"], data_key=plan["data_key"], state_dict={k: v.cpu() for k, v in net.state_dict().items()},
+                channels=channels, image_size=size, num_classes=plan["num_classes"], class_names=plan["class_names"],
+                widths=list(CLASSIFIER_WIDTHS), trained_on=os.path.realpath(data["path"]), epochs=plan["epochs"],
+                seed=plan["seed"], heldout_accuracy=acc, num_train=n_train, num_heldout=n_held,
+                train_seconds=round(time.time() - t0, 1))
+    common.atomic_save(ckpt, plan["path"], "torch")
+    log(f"classifier: held-out accuracy {'n/a' if acc is None else f'{acc:.4f}'} on {n_held} images, trained in "
+        f"{ckpt['train_seconds']:.0f} s; saved {plan['path']}")
+    return net.requires_grad_(False), ckpt
+
+
+# ----------------------------------------------------------------------------- the DINOv2 feature space
+
+DINOV2_DEFAULT = "dinov2_vitl14"  # the network of FD_DINOv2 (Stein et al., 2023)
+DINOV2_RES = 224
+
+
+def check_dinov2(name):
+    """A path that is not there stops before anything loads (a name is looked up when the network loads)."""
+    if not os.path.exists(name) and (os.sep in name or name.endswith((".pth", ".pt", ".bin", ".safetensors"))):
+        die(f"--dinov2 {name} does not exist: give a local DINOv2 .pth (the official dinov2_vit*14_pretrain.pth or a "
+            f"timm state dict) or a name to download ({DINOV2_DEFAULT})")
+
+
+def dinov2_fn(name, device):
+    """uint8 (B, H, W, 3) -> {"feats": the CLS token (B, D)}: /255, ImageNet mean/std, bicubic (antialiased when
+    shrinking, as PIL) to 224 px."""
+    common = _common("--features dinov2")
+    model, _, res = common.load_vis_encoder(name, 256, DINOV2_RES, flag="--dinov2")
+    model = model.to(device).eval().requires_grad_(False)
+    mean, std = (torch.tensor(v, device=device)[:, None, None] for v in (common.IMAGENET_MEAN, common.IMAGENET_STD))
+
+    def fn(b):
+        x = torch.from_numpy(b).to(device).permute(0, 3, 1, 2).float() / 255
+        x = F.interpolate((x - mean) / std, size=(res, res), mode="bicubic", antialias=True)
+        return {"feats": model.forward_features(x)[:, 0].float().cpu().numpy()}
+    return fn
+
+
+def inception_fn(net, device):
+    def fn(b):
+        x = torch.from_numpy(b).to(device).permute(0, 3, 1, 2).float()
+        feats, spatial, logits = net(x.contiguous(memory_format=torch.channels_last))
+        return {"feats": feats.cpu().numpy(), "spatial": spatial.cpu().numpy(), "logits": logits.cpu().numpy()}
+    return fn
+
+
+def classifier_fn(net, device):
+    def fn(b):
+        feats, logits = net(torch.from_numpy(b).to(device).permute(0, 3, 1, 2))
+        return {"feats": feats.float().cpu().numpy(), "pred": logits.argmax(1).cpu().numpy()}
+    return fn
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -485,27 +949,33 @@ def _same(a, b):  # one file, also through a symbolic or hard link
     return os.path.realpath(a) == os.path.realpath(b) or os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
 
 
+def check_new_file(path, flag, fix, inputs, outputs=()):
+    """Refuse, before any work, a path that would replace an input or an earlier output, or whose folder does not
+    take new files."""
+    for other in [*inputs, *outputs]:
+        if _same(path, other):
+            die(f"{flag} would write {path} over the {'input' if other in inputs else 'output'} {other}; "
+                f"{fix}{' or rename that input' if flag == '--save-stats' else ''}")
+    if os.path.isdir(path):
+        die(f"{flag} {path} is a folder; {fix}")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        tempfile.TemporaryFile(dir=folder).close()  # a real probe: os.access says yes to root on read-only mounts
+    except OSError as e:
+        die(f"{flag} {path}: cannot create files in {folder} ({e.strerror}); create it, make it writable or {fix}")
+
+
+def inputs_of(args):
+    return [p for p in (args.samples, args.ref, args.classifier_data) if p]
+
+
 def plan_outputs(args, sides):
-    """
-    [(path, "metrics" or the side whose statistics go there)], refused before any work when a path would
-    replace an input or an earlier output, or its folder does not take new files.
-    """
+    """[(path, "metrics" or the side whose statistics go there)], each checked by check_new_file."""
     plan = [(args.out or _stem(args.samples) + "_fid.json", "metrics")] + \
-        [(_stem(getattr(args, n)) + "_stats.npz", n) for n, (_, images) in sides.items() if args.save_stats and images]
-    inputs = [args.samples, args.ref]
+        [(_stem(getattr(args, n)) + "_stats.npz", n) for n, side in sides.items() if args.save_stats and has_images(side)]
     for i, (path, what) in enumerate(plan):
         flag, fix = ("--out", "choose another --out") if what == "metrics" else ("--save-stats", "drop --save-stats")
-        for other in inputs + [p for p, _ in plan[:i]]:
-            if _same(path, other):
-                die(f"{flag} would write {path} over the {'input' if other in inputs else 'output'} {other}; "
-                    f"{fix}{' or rename that input' if flag == '--save-stats' else ''}")
-        if os.path.isdir(path):
-            die(f"{flag} {path} is a folder; {fix}")
-        folder = os.path.dirname(os.path.abspath(path))
-        try:
-            tempfile.TemporaryFile(dir=folder).close()  # a real probe: os.access says yes to root on read-only mounts
-        except OSError as e:
-            die(f"{flag} {path}: cannot create files in {folder} ({e.strerror}); create it, make it writable or {fix}")
+        check_new_file(path, flag, fix, inputs_of(args), [p for p, _ in plan[:i]])
     return plan
 
 
@@ -525,13 +995,14 @@ def write_outputs(files):
             os.remove(tmp)
 
 
-def stats_arrays(side):
-    """Statistics and per-image features of a side, to be passed as SAMPLES or --ref next time."""
+def stats_arrays(side, space):
+    """Statistics and per-image features of a side, to be passed as SAMPLES or --ref next time, with the name of
+    their feature space."""
     keep = {k: side[k] for k in STAT_KEYS if k in side}
     for s, key in (("", "feats"), ("_s", "spatial")):
         if f"mu{s}" not in keep and key in side:
             keep[f"mu{s}"], keep[f"sigma{s}"] = feature_stats(side[key])
-    return keep
+    return {**keep, "features": np.array(space)}
 
 
 # ----------------------------------------------------------------------------- command line
@@ -544,62 +1015,199 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpF
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=_Help)
     p.error = lambda msg: die(f"{msg}; see python fid.py --help")  # one line, not usage + message
-    p.add_argument("samples", help="samples: .npz (arr_0 uint8 NHWC), folder of images, or statistics .npz")
-    p.add_argument("--ref", required=True, help="reference: ADM reference batch .npz, folder, or statistics .npz")
+    p.add_argument("samples", help="samples: .npz (arr_0 uint8 NHWC, optionally labels), folder of images, encode.py "
+                   "dataset directory, or statistics .npz")
+    p.add_argument("--ref", required=True, help="reference: ADM reference batch .npz, folder (class folder: labelled), "
+                   "encode.py dataset directory, or statistics .npz")
     p.add_argument("--out", help="JSON file with the metrics (default: SAMPLES_fid.json)")
+    p.add_argument("--features", choices=FEATURES, default="inception",
+                   help="feature space: inception (ADM's FID, sFID, IS, precision, recall), classifier (fd, precision, "
+                        "recall, class accuracy on a small CNN trained here on labelled real images; offline) or "
+                        "dinov2 (fd, precision, recall on DINOv2's CLS token)")
+    p.add_argument("--image-size", type=int, help="the resolution image folders and dataset directories are read at "
+                   "(the ADM center crop), and for the classifier every side (default: the side of SAMPLES' images)")
     p.add_argument("--inception-weights", default=FID_WEIGHTS_URL, help="path or URL of pytorch-fid's FID Inception")
-    p.add_argument("--batch-size", type=int, default=200, help="images a forward pass of the Inception network")
+    p.add_argument("--classifier", help="--features classifier: its file; reused when it exists (it fixes the feature "
+                   "space), else trained and saved there (default: ${XDG_CACHE_HOME:-~/.cache}/d2c/classifiers/"
+                   "HASH.pt, HASH of the training data, resolution, channels, epochs and seed)")
+    p.add_argument("--classifier-data", help="--features classifier: labelled real images to train on: an image folder "
+                   "of one subfolder per class (as encode.py reads it) or an encode.py dataset directory (default: "
+                   "--ref when it is one of these)")
+    p.add_argument("--classifier-epochs", type=int, help=f"--features classifier: passes over its training images "
+                   f"(default: {CLASSIFIER_EPOCHS}, or on a small set as many as make {CLASSIFIER_MIN_STEPS} steps of "
+                   f"{CLASSIFIER_BATCH} images)")
+    p.add_argument("--classifier-seed", type=int, help="--features classifier: seed of its initialisation and batch "
+                   "order (default: 0)")
+    p.add_argument("--dinov2", help="--features dinov2: a local DINOv2 .pth (the official dinov2_vit*14_pretrain.pth or "
+                   "a timm state dict; the size is read off the shapes) or a name to download (dinov2_vits14 .. "
+                   f"dinov2_vitg14, or a timm name) (default: {DINOV2_DEFAULT})")
+    p.add_argument("--batch-size", type=int, default=200, help="images a forward pass of the network")
     p.add_argument("--is-splits", type=int, default=10, help="IS splits (ADM: 5000 images a split, 10 at 50K)")
     p.add_argument("--save-stats", action="store_true", help="also write SIDE_stats.npz (mu, sigma, mu_s, sigma_s, "
-                   "feats, logits) beside each side given as images, to pass as SAMPLES or --ref next time")
+                   "feats, logits, features) beside each side given as images, to pass as SAMPLES or --ref next time")
     p.add_argument("--tf32", action="store_true", help="TF32 convolutions on Ampere+ GPUs: faster, features ~1e-3 off")
     args = p.parse_args(argv)
-    for flag, value in (("--batch-size", args.batch_size), ("--is-splits", args.is_splits)):
-        if value < 1:
+    for flag, value in (("--batch-size", args.batch_size), ("--is-splits", args.is_splits),
+                        ("--image-size", args.image_size), ("--classifier-epochs", args.classifier_epochs)):
+        if value is not None and value < 1:
             die(f"{flag} {value}: must be at least 1")
+    only = {"classifier": ("--classifier", "--classifier-data", "--classifier-epochs", "--classifier-seed"),
+            "dinov2": ("--dinov2",)}
+    for features, flags in only.items():
+        for flag in flags:
+            if getattr(args, flag[2:].replace("-", "_")) is not None and args.features != features:
+                die(f"{flag} applies to --features {features} only; add --features {features} or drop {flag}")
+    args.classifier_seed = args.classifier_seed or 0
+    args.dinov2 = args.dinov2 or DINOV2_DEFAULT
     return args
 
 
 def _check_dims(args, sides):
     # Features of two extractors do not compare; checked from the headers, before the Inception pass.
-    a, b = ({**({"mu": 2048, "mu_s": 7 * 17 * 17, "feats": 2048} if images else {}),
-             **{k: stored[k].shape[-1] for k in ("mu", "mu_s", "feats") if k in stored}}
-            for stored, images in sides.values())
+    a, b = ({**({"mu": 2048, "mu_s": 7 * 17 * 17, "feats": 2048} if has_images(side) else {}),
+             **{k: side["stored"][k].shape[-1] for k in ("mu", "mu_s", "feats") if k in side["stored"]}}
+            for side in sides.values())
     for key in sorted(a.keys() & b.keys()):
         if a[key] != b[key]:
             die(f"{key} has {a[key]} dimensions for {args.samples} but {b[key]} for {args.ref}; "
                 "both sides must come from the same feature extractor")
 
 
+def _check_spaces(args, sides, space=None):
+    """Statistics files name their feature space (those without the name are Inception's): both sides must be of
+    this run's, `space` once it is known."""
+    stats = {n: s for n, s in sides.items() if s["kind"] == "stats"}
+    for side in stats.values():
+        kind = side["space"].split(":")[0]
+        if kind != args.features or space is not None and side["space"] != space:
+            want = f"the {space} of this run" if kind == args.features else f"--features {args.features}"
+            fix = f"pass --features {kind}" if kind != args.features else "pass the --classifier or --dinov2 they were made with"
+            die(f"{side['flag']} {side['path']} holds statistics of {side['space']} features, not of {want}: {fix}, "
+                "or give images")
+    found = {s["space"] for s in stats.values()}
+    if len(found) > 1:
+        die(f"SAMPLES {args.samples} and --ref {args.ref} hold statistics of different feature spaces "
+            f"({' and '.join(sorted(found))}); both sides must come from the same feature extractor")
+    return found.pop() if found else None
+
+
+def read_size(side, size):
+    """The resolution a side is read at: size, or its images' own when SAMPLES gives none."""
+    own = size or _square_size(side)
+    if own is None:
+        die(f"{side['flag']} {side['path']} holds images of several sizes (or not square) and SAMPLES gives no "
+            "resolution to read them at: pass --image-size")
+    if _from_sources(side, own):
+        _check_sources(side, own)
+    return own
+
+
+def class_accuracy(side, pred, ckpt):
+    """(share of a side's images the classifier assigns to their labelled class, or None; why None)."""
+    flag = side["flag"]
+    if side.get("labels") is None:
+        return None, f"{flag} has no class labels (sample.py's .npz holds labels, the class each sample was asked for)"
+    names = ckpt.get("class_names")
+    if side.get("class_names") is not None and names is not None and list(side["class_names"]) != list(names):
+        return None, f"the classes of {flag} are not the classifier's ({', '.join(names[:3])}, ...)"
+    return float((pred == side["labels"]).mean()), None
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.features != "inception":
+        _common(f"--features {args.features}")
     sides = {"samples": open_side(args.samples, "SAMPLES"), "ref": open_side(args.ref, "--ref")}
-    _check_dims(args, sides)
+    stats_space = _check_spaces(args, sides)
+    imaged = any(has_images(s) for s in sides.values())
+    size = args.image_size or (_square_size(sides["samples"]) if has_images(sides["samples"]) else None)
     plan = plan_outputs(args, sides)
+    clf, channels, sizes = None, 3, {}
+    if args.features == "inception":
+        if imaged:  # statistics need no network
+            _check_inception_path(args.inception_weights)
+        _check_dims(args, sides)
+        space = "inception"
+    elif args.features == "dinov2":
+        if imaged:
+            check_dinov2(args.dinov2)
+        space = f"dinov2:{os.path.basename(args.dinov2) if os.path.isfile(args.dinov2) else args.dinov2}"
+    else:
+        for side in sides.values():  # an image .npz's stored statistics (an ADM reference batch's) are Inception's
+            side["stored"] = {} if side["kind"] == "npz" else side["stored"]
+        if imaged:
+            clf = plan_classifier(args, sides, size, lambda path, flag, fix: check_new_file(
+                path, flag, fix, inputs_of(args), [p for p, _ in plan]))
+            size, channels, space = clf["image_size"], clf["channels"], f"classifier:{clf['key']}"
+            for side in sides.values():
+                labels = side.get("labels")
+                if side["kind"] == "npz" and labels is not None and ((labels < 0) | (labels >= clf["num_classes"])).any():
+                    die(f"{side['flag']} {side['path']}: labels hold classes outside 0..{clf['num_classes'] - 1}, the "
+                        f"{clf['num_classes']} classes of the classifier ({clf['path']}); these labels are of other data")
+        else:
+            space = stats_space
+    if args.features != "inception":
+        for side in sides.values():
+            side["stored"] = {k: v for k, v in side["stored"].items() if k not in ("logits", "mu_s", "sigma_s")}
+    _check_spaces(args, sides, space)
+    for name, side in sides.items():
+        if has_images(side):  # Inception and DINOv2 resize an .npz's images themselves: they go as they are
+            sizes[name] = None if side["kind"] == "npz" and clf is None else read_size(side, size)
+
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
-    net, speed, data = None, {}, {}
-    for name, (stored, images) in sides.items():
-        data[name] = side = dict(stored)
-        if images is not None:
-            net = net if net is not None else load_inception(args.inception_weights, device)
-            side["feats"], side["spatial"], side["logits"], speed[name] = \
-                inception_features(net, images, args.batch_size, device, f"inception {name}")
-            log(f"{name}: {images[0][0]} images of {images[0][2]}x{images[0][1]}, "
-                f"{speed[name]:.1f} images/s on {device} (batch {args.batch_size})")
+    fn, ckpt, speed, data = None, None, {}, {}
+    if imaged and args.features == "inception":
+        fn = inception_fn(load_inception(args.inception_weights, device), device)
+    elif imaged and args.features == "dinov2":
+        fn = dinov2_fn(args.dinov2, device)
+    elif imaged:
+        net, ckpt = classifier_net(clf, device)
+        fn = classifier_fn(net, device)
+    for name, side in sides.items():
+        data[name] = dict(side["stored"])
+        if has_images(side):
+            out, speed[name] = extract(fn, side_images(side, sizes[name], channels), args.batch_size,
+                                       f"{args.features} {name}")
+            data[name].update(out)
+            shape = f"{side['hw'][1]}x{side['hw'][0]}" if sizes[name] is None else f"{sizes[name]}x{sizes[name]}"
+            log(f"{name}: {side['n']} images of {shape}, {speed[name]:.1f} images/s on {device} (batch {args.batch_size})")
 
-    values, why = compute_metrics(data["samples"], data["ref"], is_splits=args.is_splits)
+    # float16 distances only to reproduce ADM's Inception numbers: they round away the small distances of other spaces
+    values, why = compute_metrics(data["samples"], data["ref"], is_splits=args.is_splits,
+                                  fp16=args.features == "inception")
+    metrics = METRICS
+    if args.features != "inception":
+        values["fd"], why["fd"] = values.pop("fid"), why.pop("fid", None)
+        for m in ("sfid", "is"):
+            values[m], why[m] = None, "Inception only (--features inception)"
+        metrics = ("fd", "sfid", "is", "precision", "recall")
+    if ckpt is not None:
+        for key, name in (("class_accuracy", "samples"), ("ref_class_accuracy", "ref")):
+            values[key], why[key] = class_accuracy(sides[name], data[name].get("pred"), ckpt) if has_images(sides[name]) \
+                else (None, f"{sides[name]['flag']} holds statistics, no images to classify")
+        metrics += ("class_accuracy", "ref_class_accuracy")
     num = {n: (len(s["feats"]) if "feats" in s else None) for n, s in data.items()}
-    if num["samples"] is not None and num["samples"] < 50000:
+    if args.features == "inception" and num["samples"] is not None and num["samples"] < 50000:
         log(f"note: {num['samples']} samples; ADM's and the paper's numbers use 50,000 (FID, sFID are biased up at small N)")
-    width = max(map(len, NAMES.values()))
-    log("metrics:\n" + "\n".join(f"{NAMES[m]:<{width}}  " + (f"{values[m]:.4f}" if values[m] is not None
-                                                            else f"n/a ({why[m]})") for m in METRICS))
-    report = {**values, "unavailable": {m: why[m] for m in METRICS if values[m] is None},
-              "samples": args.samples, "ref": args.ref, "num_samples": num["samples"], "num_ref": num["ref"],
-              "inception_weights": args.inception_weights, "images_per_second": speed}
+    names = {**NAMES, "fd": f"FD ({SPACE_NAMES.get(args.features)})"}
+    width = max(len(names[m]) for m in metrics)
+    log("metrics:\n" + "\n".join(f"{names[m]:<{width}}  " + (f"{values[m]:.4f}" if values[m] is not None
+                                                            else f"n/a ({why[m]})") for m in metrics))
+    report = {**{m: values[m] for m in metrics}, "unavailable": {m: why[m] for m in metrics if values[m] is None},
+              "features": space, "samples": args.samples, "ref": args.ref, "num_samples": num["samples"],
+              "num_ref": num["ref"], "images_per_second": speed}
+    if args.features == "inception":
+        report["inception_weights"] = args.inception_weights
+    elif args.features == "dinov2":
+        report["dinov2"] = args.dinov2
+    if ckpt is not None:
+        report["classifier"] = {"file": os.path.abspath(clf["path"]), "image_size": size, "channels": channels,
+                                **{k: ckpt.get(k) for k in ("key", "trained_on", "num_classes", "class_names", "epochs",
+                                                            "seed", "heldout_accuracy", "num_train", "num_heldout",
+                                                            "train_seconds")}}
     write_outputs({path: (lambda f: f.write(json.dumps(report, indent=2).encode())) if what == "metrics" else
-                   (lambda f, side=data[what]: np.savez(f, **stats_arrays(side))) for path, what in plan})
+                   (lambda f, side=data[what]: np.savez(f, **stats_arrays(side, space))) for path, what in plan})
     log("wrote " + ", ".join(p for p, _ in plan))
 
 

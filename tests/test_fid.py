@@ -313,6 +313,7 @@ def test_cli_end_to_end_then_from_saved_statistics(tmp_path, weights_file, monke
     assert "\r" not in r.stdout + r.stderr  # no progress-bar redraws in a log that is not a terminal
     first = json.load(open(tmp_path / "samples_fid.json"))
     assert first["num_samples"] == 6 and first["num_ref"] == 5
+    assert first["features"] == "inception" and "fd" not in first
     assert first["fid"] > 0 and first["sfid"] > 0 and first["is"] >= 1
     assert 0 <= first["precision"] <= 1 and 0 <= first["recall"] <= 1
     for line in ("FID", "sFID", "Inception Score", "Precision", "Recall", "images/s"):
@@ -349,7 +350,7 @@ def bad_inputs(tmp_path, weights_file):
     """(name, argv, text the error must contain) for each kind of bad input."""
     good = write_images(tmp_path / "good.npz", 4, 8, 0)
     np.savez(tmp_path / "float.npz", arr_0=np.zeros((4, 8, 8, 3), np.float32))
-    np.savez(tmp_path / "gray.npz", arr_0=np.zeros((4, 8, 8), np.uint8))
+    np.savez(tmp_path / "two_channels.npz", arr_0=np.zeros((4, 8, 8, 2), np.uint8))
     write_images(tmp_path / "one.npz", 1, 8, 0)
     from PIL import Image
     os.makedirs(tmp_path / "mixed")
@@ -361,9 +362,9 @@ def bad_inputs(tmp_path, weights_file):
     w = ["--inception-weights", weights_file]
     return [
         ("float", [str(tmp_path / "float.npz"), "--ref", good], "float.npz"),
-        ("shape", [str(tmp_path / "gray.npz"), "--ref", good], "gray.npz"),
+        ("shape", [str(tmp_path / "two_channels.npz"), "--ref", good], "two_channels.npz"),
         ("one image", [str(tmp_path / "one.npz"), "--ref", good], "one.npz"),
-        ("mixed resolutions", [str(tmp_path / "mixed"), "--ref", good, *w], "b.png"),
+        ("mixed resolutions and no size", [str(tmp_path / "mixed"), "--ref", good, *w], "--image-size"),
         ("wrong weights", [good, "--ref", good, "--inception-weights", str(tmp_path / "wrong.pth")], "wrong.pth"),
         ("other extractor", [str(tmp_path / "stats64.npz"), "--ref", str(tmp_path / "stats2048.npz")], "stats64.npz"),
         ("flag value", [good, "--ref", good, "--batch-size", "many"], "--batch-size"),
@@ -384,10 +385,14 @@ def test_help_shows_every_flag_with_its_default(capsys):
         fid.main(["--help"])
     text = "".join(capsys.readouterr().out.split())  # argparse wraps lines, even inside the URL
     assert e.value.code == 0
-    for flag in ("--ref", "--out", "--inception-weights", "--batch-size", "--is-splits", "--save-stats", "--tf32"):
+    for flag in ("--ref", "--out", "--inception-weights", "--batch-size", "--is-splits", "--save-stats", "--tf32",
+                 "--features", "--image-size", "--classifier", "--classifier-data", "--classifier-epochs",
+                 "--classifier-seed", "--dinov2"):
         assert flag in text
-    for default in ("200", "10", "SAMPLES_fid.json", fid.FID_WEIGHTS_URL):
+    for default in ("200", "10", "SAMPLES_fid.json", fid.FID_WEIGHTS_URL, "inception", "0", "dinov2_vitl14"):
         assert f"(default:{default})" in text
+    assert "(default:${XDG_CACHE_HOME:-~/.cache}/d2c/classifiers/HASH.pt" in text
+    assert "(default:thesideofSAMPLES'images)" in text
 
 
 # ----------------------------------------------------------------------------- CLI: bad input, as a user meets it
@@ -538,7 +543,9 @@ def test_unreachable_weights_url_fails_fast_with_the_fix(tmp_path, sides):
     assert time.time() - t0 < 30
     assert_fails_cleanly(r, before, tmp_path, "--inception-weights PATH")
     assert r.stdout.strip().splitlines()[-1] == (f"error: cannot download {url} (no network?): download it where there "
-                                                  "is one and pass the local path with --inception-weights PATH")
+                                                  "is one and pass the local path with --inception-weights PATH, or pass "
+                                                  "--features classifier (a classifier trained on the labelled reference, "
+                                                  "offline) or --features dinov2 --dinov2 LOCAL.pth")
 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
@@ -553,3 +560,316 @@ def test_interrupt_during_the_inception_pass_leaves_nothing_and_says_so_last(tmp
     assert status == code, out
     assert lines[-1].startswith("error: interrupted") and "Traceback" not in out, out
     assert snapshot(tmp_path) == before
+
+
+# ----------------------------------------------------------------------------- references read like the training images
+
+def save_png(path, array, mode=None):
+    from PIL import Image
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(array, mode).save(path)
+    return str(path)
+
+
+def test_folder_of_mixed_sizes_is_read_as_adm_center_crops_at_the_samples_size(tmp_path):
+    from PIL import Image
+    rng = np.random.default_rng(20)
+    wide = save_png(tmp_path / "ref" / "a.png", rng.integers(0, 256, (32, 40, 3), dtype=np.uint8))  # 40 x 32
+    square = save_png(tmp_path / "ref" / "b.png", rng.integers(0, 256, (28, 28, 3), dtype=np.uint8))
+    np.savez(tmp_path / "samples.npz", arr_0=np.zeros((2, 16, 16, 3), np.uint8))
+    ref = fid.open_side(str(tmp_path / "ref"), "--ref")
+    assert fid._square_size(fid.open_side(str(tmp_path / "samples.npz"), "SAMPLES")) == 16
+    n, batches = fid.side_images(ref, 16, 3)
+    got = np.concatenate(list(batches(8)))
+    # By hand: 40x32 is at least twice 16 on its short side, so it is halved with a box filter to 20x16, which is
+    # already 16 high (no resize), then cropped 2 px from the left; 28x28 is resized bicubic to 16x16.
+    with Image.open(wide) as im:
+        a = np.asarray(im.convert("RGB").resize((20, 16), Image.BOX))[:, 2:18]
+    with Image.open(square) as im:
+        b = np.asarray(im.convert("RGB").resize((16, 16), Image.BICUBIC))
+    assert n == 2 and got.shape == (2, 16, 16, 3)
+    np.testing.assert_array_equal(got[0], a)
+    np.testing.assert_array_equal(got[1], b)
+    gray = np.concatenate(list(fid.side_images(ref, 16, 1)[1](8)))  # one channel: PIL's "L" before the crop
+    with Image.open(square) as im:
+        np.testing.assert_array_equal(gray[1, ..., 0], np.asarray(im.convert("L").resize((16, 16), Image.BICUBIC)))
+
+
+def write_dataset(path, pixels, labels, source=None, files=None, vae="none"):
+    """An encode.py dataset directory of uint8 (N, H, W, C) pixels: latents x / 127.5 - 1 in float16, as --vae none."""
+    os.makedirs(path)
+    np.save(os.path.join(path, "latents.npy"), (pixels.transpose(0, 3, 1, 2) / 127.5 - 1).astype(np.float16))
+    np.save(os.path.join(path, "labels.npy"), np.asarray(labels, np.int64))
+    if files:
+        Path(path, "files.txt").write_text("".join(f + "\n" for f in files))
+    meta = {"image_size": pixels.shape[1], "channels": pixels.shape[3], "vae": vae, "num_classes": int(max(labels)) + 1,
+            "class_names": [str(c) for c in range(int(max(labels)) + 1)], "source": source, "flip": False}
+    Path(path, "meta.json").write_text(json.dumps(meta))
+    return str(path)
+
+
+def test_dataset_directory_gives_its_pixels_at_its_size_and_its_source_crops_at_another(tmp_path):
+    from PIL import Image
+    rng = np.random.default_rng(21)
+    pixels = rng.integers(0, 256, (3, 12, 12, 1), dtype=np.uint8)
+    files = [save_png(tmp_path / "src" / f"{c}" / f"{i}.png", pixels[i, ..., 0], "L") for i, c in enumerate([0, 1, 1])]
+    data = write_dataset(tmp_path / "data", pixels, [0, 1, 1], str(tmp_path / "src"),
+                         [os.path.relpath(f, tmp_path / "src") for f in files])
+    side = fid.open_side(data, "--ref")
+    np.testing.assert_array_equal(np.concatenate(list(fid.side_images(side, 12, 1)[1](2))), pixels)
+    at8 = np.concatenate(list(fid.side_images(fid.open_side(data, "--ref"), 8, 1)[1](2)))
+    for f, crop in zip(files, at8):
+        with Image.open(f) as im:  # 12 is less than twice 8: one bicubic resize
+            np.testing.assert_array_equal(crop[..., 0], np.asarray(im.resize((8, 8), Image.BICUBIC)))
+    os.remove(files[2])
+    with pytest.raises(SystemExit) as e:
+        fid.read_size(fid.open_side(data, "--ref"), 8)
+    assert "are gone" in str(e.value.code) and files[2] in str(e.value.code) and "image folder" in str(e.value.code)
+
+
+# ----------------------------------------------------------------------------- the classifier feature space
+
+def class_images(rng, label, n, size, channels=3):
+    """Images whose class shows: class 0 bright at the top, 1 at the left, 2 dark, on noise."""
+    x = rng.normal(110, 40, size=(n, size, size, channels))
+    half = size // 2
+    if label == 0:
+        x[:, :half] += 90
+    elif label == 1:
+        x[:, :, :half] += 90
+    else:
+        x -= 60
+    return x.clip(0, 255).astype(np.uint8)
+
+
+def class_folder(root, per_class, size, seed, channels=3):
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(["a", "b", "c"]):
+        for i, img in enumerate(class_images(rng, c, per_class, size, channels)):
+            save_png(Path(root) / name / f"{i:03d}.png", img[..., 0] if channels == 1 else img, "L" if channels == 1 else None)
+    return str(root)
+
+
+def classifier_by_hand(state, images):
+    """The saved classifier as specified, in float64 with plain torch ops: per stage a 3x3 convolution (padding 1,
+    no bias, stride 2 while the side is at least 8), batch norm with the running statistics (eps 1e-5), ReLU; the
+    mean over space; a linear layer. Input x / 127.5 - 1. Returns (features, predicted classes)."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).double() / 127.5 - 1
+    for i in range(3):
+        x = torch.nn.functional.conv2d(x, state[f"body.{3 * i}.weight"].double(), stride=2 if x.shape[-1] >= 8 else 1,
+                                       padding=1)
+        mean, var, w, b = (state[f"body.{3 * i + 1}.{k}"].double()[:, None, None]
+                           for k in ("running_mean", "running_var", "weight", "bias"))
+        x = ((x - mean) / torch.sqrt(var + 1e-5) * w + b).clamp_min(0)
+    feats = x.mean((2, 3))
+    logits = feats @ state["head.weight"].double().T + state["head.bias"].double()
+    return feats.numpy(), logits.argmax(1).numpy()
+
+
+def naive_frechet(a, b):
+    """|mu1 - mu2|^2 + tr S1 + tr S2 - 2 tr (S1^1/2 S2 S1^1/2)^1/2 with numpy's symmetric eigendecompositions."""
+    mu1, mu2, s1, s2 = a.mean(0), b.mean(0), np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    w, v = np.linalg.eigh(s1)
+    root1 = v @ np.diag(np.sqrt(w)) @ v.T
+    return ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.linalg.eigvalsh(root1 @ s2 @ root1)).sum()
+
+
+def read_pngs(folder):
+    from PIL import Image
+    files = sorted(Path(folder).rglob("*.png"))
+    return np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files]), np.array([f.parent.name for f in files])
+
+
+@pytest.fixture(scope="module")
+def classifier_run(tmp_path_factory):
+    """A 16 px class folder (3 classes x 70) as --ref, 200 labelled 16 px samples, one classifier run."""
+    root = tmp_path_factory.mktemp("classifier")
+    ref = class_folder(root / "ref", 70, 16, 30)
+    rng = np.random.default_rng(31)
+    labels = rng.integers(0, 3, 200)
+    images = np.concatenate([class_images(rng, c, 1, 16) for c in labels])
+    images[::4] = class_images(rng, 2, 50, 16)  # every 4th asked-for class drawn as class 2: some are wrong
+    np.savez(root / "samples.npz", arr_0=images, labels=labels)
+    out, clf = root / "metrics.json", root / "clf.pt"
+    r = run_fid(root / "samples.npz", "--ref", ref, "--features", "classifier", "--classifier", clf,
+                "--classifier-epochs", 30, "--out", out, "--save-stats")
+    assert r.returncode == 0, r.stdout
+    return dict(root=root, ref=ref, images=images, labels=labels, out=json.load(open(out)), stdout=r.stdout,
+                clf=torch.load(clf, weights_only=True))
+
+
+def test_classifier_fd_equals_a_naive_frechet_distance_of_the_saved_classifiers_features(classifier_run):
+    run = classifier_run
+    ref_images, _ = read_pngs(run["ref"])  # already 16 px: the crop leaves them as they are
+    assert run["clf"]["channels"] == 3 and run["clf"]["image_size"] == 16
+    sam, _ = classifier_by_hand(run["clf"]["state_dict"], run["images"])
+    ref, _ = classifier_by_hand(run["clf"]["state_dict"], ref_images)
+    assert sam.shape == (200, 128) and ref.shape == (210, 128)
+    assert min(np.linalg.eigvalsh(np.cov(sam, rowvar=False)).min(), np.linalg.eigvalsh(np.cov(ref, rowvar=False)).min()) > 0
+    expected = naive_frechet(sam, ref)
+    assert expected > 0.01 and run["out"]["fd"] == pytest.approx(expected, rel=1e-4)
+    # float32 distances outside Inception (ADM's float16 would round away these small distances)
+    assert (run["out"]["precision"], run["out"]["recall"]) == pytest.approx(
+        brute_force_precision_recall(ref.astype(np.float32), sam.astype(np.float32), 3))
+    stats = np.load(run["root"] / "samples_stats.npz")
+    np.testing.assert_allclose(stats["feats"], sam, rtol=1e-4, atol=1e-5)
+    assert str(stats["features"]) == run["out"]["features"]
+
+
+def test_class_accuracy_is_the_share_of_images_the_classifier_puts_in_their_labelled_class(classifier_run):
+    run = classifier_run
+    _, pred = classifier_by_hand(run["clf"]["state_dict"], run["images"])
+    expected = float(np.mean(pred == run["labels"]))
+    assert 0.5 < expected < 0.9  # the mislabelled quarter is found out
+    assert run["out"]["class_accuracy"] == pytest.approx(expected, abs=1e-12)
+    ref_images, folders = read_pngs(run["ref"])
+    _, pred = classifier_by_hand(run["clf"]["state_dict"], ref_images)
+    assert run["out"]["ref_class_accuracy"] == pytest.approx(np.mean(pred == np.searchsorted(["a", "b", "c"], folders)))
+    held = run["out"]["classifier"]
+    assert held["num_heldout"] == 21 and held["num_train"] == 189  # 10% of each class of 70
+    assert held["heldout_accuracy"] in [i / 21 for i in range(22)] and held["heldout_accuracy"] > 0.8
+
+
+def test_json_and_stdout_name_the_feature_space_and_call_its_distance_fd(classifier_run):
+    out = classifier_run["out"]  # Inception's JSON: test_cli_end_to_end_then_from_saved_statistics
+    assert out["features"] == f"classifier:{out['classifier']['key']}" == f"classifier:{classifier_run['clf']['key']}"
+    assert "fid" not in out and out["fd"] > 0 and out["sfid"] is None and out["is"] is None
+    assert "Inception only" in out["unavailable"]["sfid"] and "Inception only" in out["unavailable"]["is"]
+    assert "FD (classifier features)" in classifier_run["stdout"] and "\nFID" not in classifier_run["stdout"]
+
+
+def test_statistics_of_one_feature_space_are_refused_in_another(classifier_run, tmp_path):
+    stats = classifier_run["root"] / "samples_stats.npz"
+    with pytest.raises(SystemExit) as e:
+        fid.main([str(stats), "--ref", str(stats), "--out", str(tmp_path / "m.json")])  # Inception by default
+    assert "samples_stats.npz" in str(e.value.code) and "--features classifier" in str(e.value.code)
+
+
+def test_classifier_is_cached_reused_without_training_and_retrained_for_other_data(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    ref = class_folder(tmp_path / "ref", 6, 8, 40)
+    np.savez(tmp_path / "samples.npz", arr_0=class_images(np.random.default_rng(41), 0, 8, 8))
+    argv = [str(tmp_path / "samples.npz"), "--ref", ref, "--features", "classifier", "--classifier-epochs", "2",
+            "--out", str(tmp_path / "m.json")]
+    fid.main(argv)
+    first = capsys.readouterr().out
+    cache = tmp_path / "cache" / "d2c" / "classifiers"
+    (file,) = cache.iterdir()
+    before = (file.read_bytes(), file.stat().st_mtime_ns)
+    assert "classifier: training on" in first and json.load(open(tmp_path / "m.json"))["features"] == f"classifier:{file.stem}"
+    fid.main(argv)
+    second = capsys.readouterr().out
+    assert "classifier: reusing" in second and "training" not in second
+    assert (file.read_bytes(), file.stat().st_mtime_ns) == before and list(cache.iterdir()) == [file]
+    save_png(Path(ref) / "a" / "extra.png", class_images(np.random.default_rng(42), 0, 1, 8)[0])  # other training data
+    fid.main(argv)
+    assert "classifier: training on" in capsys.readouterr().out
+    assert len(list(cache.iterdir())) == 2 and (file.read_bytes(), file.stat().st_mtime_ns) == before
+
+
+@pytest.mark.parametrize("samples_kind, folder_mode, channels", [
+    ("gray (N, H, W)", "L", 1), ("RGB of equal channels", "L", 1), ("RGB of equal channels", "RGB", 3),
+    ("RGB", "L", 3)])
+def test_classifier_is_grayscale_for_one_channel_samples_or_equal_channels_against_a_grayscale_folder(
+        tmp_path, samples_kind, folder_mode, channels):
+    ref = class_folder(tmp_path / "ref", 4, 8, 50, channels=1 if folder_mode == "L" else 3)
+    gray = class_images(np.random.default_rng(51), 1, 6, 8, channels=1)
+    samples = {"gray (N, H, W)": gray[..., 0], "RGB of equal channels": gray.repeat(3, -1),
+               "RGB": class_images(np.random.default_rng(51), 1, 6, 8)}[samples_kind]
+    np.savez(tmp_path / "samples.npz", arr_0=samples)
+    fid.main([str(tmp_path / "samples.npz"), "--ref", ref, "--features", "classifier", "--classifier-epochs", "1",
+              "--classifier", str(tmp_path / "clf.pt"), "--out", str(tmp_path / "m.json")])
+    assert json.load(open(tmp_path / "m.json"))["classifier"]["channels"] == channels
+    assert torch.load(tmp_path / "clf.pt", weights_only=True)["state_dict"]["body.0.weight"].shape[1] == channels
+
+
+def test_classifier_trains_on_a_dataset_directory_given_as_classifier_data(tmp_path):
+    rng = np.random.default_rng(60)
+    pixels = np.concatenate([class_images(rng, c, 5, 8) for c in range(3)])
+    data = write_dataset(tmp_path / "data", pixels, np.repeat(np.arange(3), 5))
+    np.savez(tmp_path / "ref.npz", arr_0=class_images(rng, 1, 4, 8))  # an unlabelled reference
+    np.savez(tmp_path / "samples.npz", arr_0=class_images(rng, 0, 4, 8), labels=np.zeros(4, np.int64))
+    fid.main([str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "ref.npz"), "--features", "classifier",
+              "--classifier-data", data, "--classifier-epochs", "1", "--classifier", str(tmp_path / "clf.pt"),
+              "--out", str(tmp_path / "m.json")])
+    out = json.load(open(tmp_path / "m.json"))
+    assert out["classifier"]["trained_on"] == os.path.realpath(data) and out["classifier"]["num_classes"] == 3
+    assert out["class_accuracy"] is not None and out["ref_class_accuracy"] is None and "labels" in out["unavailable"]["ref_class_accuracy"]
+
+
+@pytest.mark.parametrize("case", ["flat folder as --classifier-data", "unlabelled --ref", "labels of other data"])
+def test_classifier_without_usable_labels_fails_in_one_line_before_training(tmp_path, case):
+    ref = class_folder(tmp_path / "ref", 4, 8, 70)
+    np.savez(tmp_path / "samples.npz", arr_0=class_images(np.random.default_rng(71), 0, 4, 8),
+             labels=np.array([0, 1, 2, 7 if case == "labels of other data" else 0]))
+    flat = tmp_path / "flat"
+    for i in range(3):
+        save_png(flat / f"{i}.png", class_images(np.random.default_rng(i), 0, 1, 8)[0])
+    np.savez(tmp_path / "ref.npz", arr_0=class_images(np.random.default_rng(72), 0, 4, 8))
+    argv, expect = {"flat folder as --classifier-data": (["--ref", ref, "--classifier-data", flat], ["--classifier-data", flat]),
+                    "unlabelled --ref": (["--ref", tmp_path / "ref.npz"], ["ref.npz", "--classifier-data"]),
+                    "labels of other data": (["--ref", ref], ["SAMPLES", "labels", "0..2"])}[case]
+    before = snapshot(tmp_path)
+    r = run_fid(tmp_path / "samples.npz", *argv, "--features", "classifier",
+                env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert_fails_cleanly(r, before, tmp_path, *expect)  # also: no classifier file in the cache
+    assert "classifier: training" not in r.stdout
+
+
+def test_classifier_file_of_another_resolution_is_refused(classifier_run, tmp_path):
+    np.savez(tmp_path / "samples.npz", arr_0=class_images(np.random.default_rng(80), 0, 4, 8))
+    with pytest.raises(SystemExit) as e:
+        fid.main([str(tmp_path / "samples.npz"), "--ref", classifier_run["ref"], "--features", "classifier",
+                  "--classifier", str(classifier_run["root"] / "clf.pt"), "--out", str(tmp_path / "m.json")])
+    assert "clf.pt" in str(e.value.code) and "16 px" in str(e.value.code) and "8 px" in str(e.value.code)
+
+
+# ----------------------------------------------------------------------------- the DINOv2 feature space
+
+def test_dinov2_features_are_the_cls_token_of_the_images_resized_to_224_as_pil_does(tmp_path):
+    import timm
+    from PIL import Image
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=224, depth=1, num_classes=0).eval()
+    torch.save(vit.state_dict(), tmp_path / "dinov2_vits14_random.pth")  # the timm layout, random weights
+    rng = np.random.default_rng(90)
+    gray = rng.integers(0, 256, (4, 8, 8), dtype=np.uint8)  # grayscale samples: replicated to RGB
+    rgb = rng.integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "samples.npz", arr_0=gray)
+    np.savez(tmp_path / "ref.npz", arr_0=rgb)
+    fid.main([str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "ref.npz"), "--features", "dinov2", "--dinov2",
+              str(tmp_path / "dinov2_vits14_random.pth"), "--save-stats", "--out", str(tmp_path / "m.json")])
+
+    def by_hand(images):
+        mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+        x = np.stack([np.stack([np.asarray(Image.fromarray((img[..., c] / 255).astype(np.float32), "F")
+                                           .resize((224, 224), Image.BICUBIC)) for c in range(3)]) for img in images])
+        x = (x - mean[:, None, None]) / std[:, None, None]
+        with torch.no_grad():
+            return vit.forward_features(torch.from_numpy(x).float())[:, 0].numpy()
+
+    out = json.load(open(tmp_path / "m.json"))
+    sam, ref = np.load(tmp_path / "samples_stats.npz"), np.load(tmp_path / "ref_stats.npz")
+    np.testing.assert_allclose(sam["feats"], by_hand(gray[..., None].repeat(3, -1)), atol=2e-4)
+    np.testing.assert_allclose(ref["feats"], by_hand(rgb), atol=2e-4)
+    assert out["features"] == "dinov2:dinov2_vits14_random.pth" == str(sam["features"])
+    assert "fid" not in out and np.isfinite(out["fd"]) and out["sfid"] is None
+
+
+# ----------------------------------------------------------------------------- fid.py alone
+
+def test_fid_copied_alone_computes_inception_metrics_of_npz_files_and_names_common_for_folders(tmp_path, sides):
+    samples, ref, flags = sides
+    alone = tmp_path / "elsewhere"
+    alone.mkdir()
+    (alone / "fid.py").write_bytes(Path(ROOT, "fid.py").read_bytes())
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    cmd = [sys.executable, "-c", RUN_FID_WITHOUT_SQRTM, samples, "--ref", ref, *flags, "--out", str(tmp_path / "m.json")]
+    r = subprocess.run(cmd, cwd=alone, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    assert json.load(open(tmp_path / "m.json"))["features"] == "inception"
+    save_png(tmp_path / "folder" / "a.png", np.zeros((8, 8, 3), np.uint8))
+    r = subprocess.run([sys.executable, "fid.py", samples, "--ref", str(tmp_path / "folder"), *flags], cwd=alone,
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: --ref")
+    assert "common.py" in r.stderr and "Traceback" not in r.stderr
