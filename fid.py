@@ -457,7 +457,8 @@ def _npz_side(path, flag):
     shape, dtype, batches = _npz_images(path, flag)
     if len(shape) not in (3, 4) or len(shape) == 4 and shape[3] not in (1, 3) or shape[0] < 2 or dtype != np.uint8:
         die(f"{flag} {path}: arr_0 is {dtype} of shape {shape}; expected at least 2 C-ordered uint8 (N, H, W, 3) "
-            "images, or grayscale (N, H, W) (from [-1, 1] floats: ((x + 1) * 127.5).round().clip(0, 255).astype(np.uint8))")
+            "images, or grayscale (N, H, W) (from [-1, 1] floats: "
+            "((x + 1) * 127.5).round().clip(0, 255).astype(np.uint8))")
     if labels is not None and (labels.shape != shape[:1] or labels.dtype.kind not in "iu"):
         die(f"{flag} {path}: labels is {labels.dtype} of shape {labels.shape}; expected ({shape[0]},) integers, the "
             "class of each image, or no labels")
@@ -490,7 +491,8 @@ def _folder_side(path, flag):
         die(f"{flag} {path} holds {len(files)} images ({' '.join(exts)}); at least 2 are needed")
     rel = [os.path.relpath(f, path) for f in files]
     labels = class_names = None
-    if all(os.sep in r for r in rel) and {r.split(os.sep)[0] for r in rel} == {e.name for e in os.scandir(path) if e.is_dir()}:
+    subfolders = {e.name for e in os.scandir(path) if e.is_dir()}
+    if all(os.sep in r for r in rel) and {r.split(os.sep)[0] for r in rel} == subfolders:
         class_names, rel, labels = common.find_images(path, flag)
         files, labels = [os.path.join(path, r) for r in rel], np.asarray(labels, np.int64)
     sizes, modes = _headers(files, flag)
@@ -531,7 +533,8 @@ def _square_size(side):
         return side["hw"][0] if side["hw"][0] == side["hw"][1] else None
     if side["kind"] == "folder":
         sizes = set(side["sizes"])
-        return sizes.pop()[0] if len(sizes) == 1 and next(iter(sizes))[0] == next(iter(sizes))[1] else None
+        w, h = sizes.pop() if len(sizes) == 1 else (None, 0)
+        return w if w == h else None
     return side.get("size")
 
 
@@ -545,13 +548,13 @@ def _check_sources(side, size):
     if "files" in side:
         return
     path, meta = side["path"], side["meta"]
-    why = "made with --vae " + str(meta.get("vae")) if not side["pixels"] else f"stored at {side['size']} px, not {size}"
+    why = f"made with --vae {meta.get('vae')}" if not side["pixels"] else f"stored at {side['size']} px, not {size}"
     listing = os.path.join(path, "files.txt")
     rows = open(listing).read().splitlines() if os.path.isfile(listing) else []
     if len(rows) != side["n"]:
-        die(f"{side['flag']} {path} is {why}, so its source images are read, but {listing} is missing or has {len(rows)} "
-            f"rows for {side['n']} images: pass the image folder it was made from instead")
-    files = [os.path.join(meta.get("source", ""), r) for r in rows]
+        die(f"{side['flag']} {path} is {why}, so its source images are read, but {listing} is missing or has "
+            f"{len(rows)} rows for {side['n']} images: pass the image folder it was made from instead")
+    files = [os.path.join(meta.get("source") or "", r) for r in rows]
     missing = [f for f in files if not os.path.isfile(f)]
     if missing:
         die(f"{side['flag']} {path} is {why}, so its source images are read, but {len(missing)} are gone (first: "
@@ -600,7 +603,8 @@ def _convert(batch, size, channels):
     from common import center_crop_arr
     out = []
     for img in batch:
-        im = Image.fromarray(img[..., 0] if c == 1 else img, "L" if c == 1 else "RGB").convert("L" if channels == 1 else "RGB")
+        im = Image.fromarray(img[..., 0] if c == 1 else img, "L" if c == 1 else "RGB")
+        im = im.convert("L" if channels == 1 else "RGB")
         arr = center_crop_arr(im, size) if size is not None and im.size != (size, size) else np.asarray(im)
         out.append(arr.reshape(arr.shape[0], arr.shape[1], channels))
     return np.stack(out)
@@ -735,7 +739,8 @@ def train_classifier(images, labels, num_classes, epochs, seed, device):
                 loss.backward()
                 opt.step()
             sched.step()
-        log(f"classifier: epoch {epoch + 1}/{epochs}, loss {loss.item():.3f}, {time.time() - t0:.0f} s")
+        if (epoch + 1) % max(1, epochs // 10) == 0 or epoch + 1 == epochs:  # ten lines at most
+            log(f"classifier: epoch {epoch + 1}/{epochs}, loss {loss.item():.3f}, {time.time() - t0:.0f} s")
     net.eval()
     acc = None
     if len(held):
@@ -759,7 +764,8 @@ def data_identity(side, size):
 
     ident = {"path": os.path.realpath(side["path"]), "count": side["n"]}
     if side["kind"] == "dataset":
-        ident.update(meta=side["meta"], arrays=[stat(os.path.join(side["path"], f)) for f in ("latents.npy", "labels.npy")])
+        ident.update(meta=side["meta"], arrays=[stat(os.path.join(side["path"], f))
+                                                for f in ("latents.npy", "labels.npy")])
     if _from_sources(side, size):
         _check_sources(side, size)
     files = side.get("files") if side["kind"] == "folder" or _from_sources(side, size) else None
@@ -793,6 +799,10 @@ def read_classifier(path):
     return ckpt
 
 
+UNLABELLED = {"npz": "an .npz (not a class folder or dataset directory)", "stats": "a statistics file",
+              "folder": "a folder without class subfolders"}
+
+
 def _labelled(side):
     return side is not None and side["kind"] in ("folder", "dataset") and side["labels"] is not None
 
@@ -808,9 +818,8 @@ def plan_classifier(args, sides, size, writes):
     if args.classifier_data:
         data = open_side(args.classifier_data, "--classifier-data")
         if not _labelled(data):
-            kind = {"npz": "an .npz", "stats": "a statistics file", "folder": "a folder without class subfolders"}
-            die(f"--classifier-data {args.classifier_data} is {kind[data['kind']]}, without class labels: give an image "
-                "folder of one subfolder per class (as encode.py reads) or an encode.py dataset directory")
+            die(f"--classifier-data {args.classifier_data} is {UNLABELLED[data['kind']]}, without class labels: give "
+                "an image folder of one subfolder per class (as encode.py reads it) or an encode.py dataset directory")
     elif _labelled(ref):
         data = ref
     if args.classifier and os.path.isfile(args.classifier):
@@ -818,21 +827,20 @@ def plan_classifier(args, sides, size, writes):
         if size is not None and size != ckpt["image_size"]:
             die(f"--classifier {args.classifier} was trained at {ckpt['image_size']} px but the samples are {size} px: "
                 "pass --image-size {0} or train another (--classifier NEW.pt)".format(ckpt["image_size"]))
-        plan = dict(path=args.classifier, ckpt=ckpt, train=None, **{k: ckpt[k] for k in ("key", "channels", "image_size",
-                    "num_classes")}, class_names=ckpt.get("class_names"))
+        plan = dict(path=args.classifier, ckpt=ckpt, train=None, class_names=ckpt.get("class_names"),
+                    **{k: ckpt[k] for k in ("key", "channels", "image_size", "num_classes")})
         if args.classifier_data and data_key(data, ckpt["image_size"]) != ckpt.get("data_key"):
             die(f"--classifier {args.classifier} was trained on other data ({ckpt.get('trained_on')}) than "
                 f"--classifier-data {args.classifier_data}: delete it to train again, pass another --classifier, or "
                 "drop --classifier-data to use it as it is")
         return plan
     if data is None:
-        kind = {"npz": "an .npz without class folders", "stats": "a statistics file", "folder": "a folder without class subfolders"}
-        die(f"--features classifier trains on labelled real images, and --ref {args.ref} is {kind[ref['kind']]}: pass "
-            "--classifier-data CLASS_FOLDER (one subfolder per class) or an encode.py dataset directory, or --classifier "
-            "FILE.pt of an earlier run")
+        die(f"--features classifier trains on labelled real images, and --ref {args.ref} is {UNLABELLED[ref['kind']]}: "
+            "pass --classifier-data CLASS_FOLDER (one subfolder per class) or an encode.py dataset directory, or "
+            "--classifier FILE.pt of an earlier run")
     if size is None:
-        die(f"the resolution to train the classifier at is unknown (SAMPLES {args.samples} holds no images of one square "
-            "size): pass --image-size")
+        die(f"the resolution to train the classifier at is unknown (SAMPLES {args.samples} holds no images of one "
+            "square size): pass --image-size")
     if _from_sources(data, size):
         _check_sources(data, size)
     channels = 1 if single_channel(samples) or all(is_gray(s) for s in (ref, data)) and is_gray(samples) else 3
@@ -869,8 +877,8 @@ def classifier_net(plan, device):
         try:
             net.load_state_dict(ckpt["state_dict"])
         except RuntimeError as e:
-            die(f"--classifier {plan['path']} does not fit fid.py's classifier ({str(e).splitlines()[-1].strip()[:200]}); "
-                "delete it to train again")
+            die(f"--classifier {plan['path']} does not fit fid.py's classifier "
+                f"({str(e).splitlines()[-1].strip()[:200]}); delete it to train again")
         acc = ckpt.get("heldout_accuracy")
         log(f"classifier: reusing {plan['path']} (trained on {ckpt.get('trained_on')}, held-out accuracy "
             f"{'n/a' if acc is None else f'{acc:.4f}'})")
@@ -884,8 +892,9 @@ def classifier_net(plan, device):
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     net, acc, n_train, n_held = train_classifier(images, data["labels"], plan["num_classes"], plan["epochs"],
                                                  plan["seed"], device)
-    ckpt = dict(version=CLASSIFIER_VERSION, key=plan["key"], data_key=plan["data_key"], state_dict={k: v.cpu() for k, v in net.state_dict().items()},
-                channels=channels, image_size=size, num_classes=plan["num_classes"], class_names=plan["class_names"],
+    ckpt = dict(version=CLASSIFIER_VERSION, key=plan["key"], data_key=plan["data_key"],
+                state_dict={k: v.cpu() for k, v in net.state_dict().items()}, channels=channels, image_size=size,
+                num_classes=plan["num_classes"], class_names=plan["class_names"],
                 widths=list(CLASSIFIER_WIDTHS), trained_on=os.path.realpath(data["path"]), epochs=plan["epochs"],
                 seed=plan["seed"], heldout_accuracy=acc, num_train=n_train, num_heldout=n_held,
                 train_seconds=round(time.time() - t0, 1))
@@ -972,7 +981,7 @@ def inputs_of(args):
 def plan_outputs(args, sides):
     """[(path, "metrics" or the side whose statistics go there)], each checked by check_new_file."""
     plan = [(args.out or _stem(args.samples) + "_fid.json", "metrics")] + \
-        [(_stem(getattr(args, n)) + "_stats.npz", n) for n, side in sides.items() if args.save_stats and has_images(side)]
+        [(_stem(getattr(args, n)) + "_stats.npz", n) for n, s in sides.items() if args.save_stats and has_images(s)]
     for i, (path, what) in enumerate(plan):
         flag, fix = ("--out", "choose another --out") if what == "metrics" else ("--save-stats", "drop --save-stats")
         check_new_file(path, flag, fix, inputs_of(args), [p for p, _ in plan[:i]])
@@ -1038,8 +1047,8 @@ def parse_args(argv):
                    f"{CLASSIFIER_BATCH} images)")
     p.add_argument("--classifier-seed", type=int, help="--features classifier: seed of its initialisation and batch "
                    "order (default: 0)")
-    p.add_argument("--dinov2", help="--features dinov2: a local DINOv2 .pth (the official dinov2_vit*14_pretrain.pth or "
-                   "a timm state dict; the size is read off the shapes) or a name to download (dinov2_vits14 .. "
+    p.add_argument("--dinov2", help="--features dinov2: a local DINOv2 .pth (the official dinov2_vit*14_pretrain.pth "
+                   "or a timm state dict; the size is read off the shapes) or a name to download (dinov2_vits14 .. "
                    f"dinov2_vitg14, or a timm name) (default: {DINOV2_DEFAULT})")
     p.add_argument("--batch-size", type=int, default=200, help="images a forward pass of the network")
     p.add_argument("--is-splits", type=int, default=10, help="IS splits (ADM: 5000 images a split, 10 at 50K)")
@@ -1081,7 +1090,8 @@ def _check_spaces(args, sides, space=None):
         kind = side["space"].split(":")[0]
         if kind != args.features or space is not None and side["space"] != space:
             want = f"the {space} of this run" if kind == args.features else f"--features {args.features}"
-            fix = f"pass --features {kind}" if kind != args.features else "pass the --classifier or --dinov2 they were made with"
+            fix = f"pass --features {kind}" if kind != args.features else \
+                "pass the --classifier or --dinov2 they were made with"
             die(f"{side['flag']} {side['path']} holds statistics of {side['space']} features, not of {want}: {fix}, "
                 "or give images")
     found = {s["space"] for s in stats.values()}
@@ -1140,10 +1150,10 @@ def main(argv=None):
                 path, flag, fix, inputs_of(args), [p for p, _ in plan]))
             size, channels, space = clf["image_size"], clf["channels"], f"classifier:{clf['key']}"
             for side in sides.values():
-                labels = side.get("labels")
-                if side["kind"] == "npz" and labels is not None and ((labels < 0) | (labels >= clf["num_classes"])).any():
-                    die(f"{side['flag']} {side['path']}: labels hold classes outside 0..{clf['num_classes'] - 1}, the "
-                        f"{clf['num_classes']} classes of the classifier ({clf['path']}); these labels are of other data")
+                labels, k = side.get("labels"), clf["num_classes"]
+                if side["kind"] == "npz" and labels is not None and ((labels < 0) | (labels >= k)).any():
+                    die(f"{side['flag']} {side['path']}: labels hold classes outside 0..{k - 1}, the {k} classes of "
+                        f"the classifier ({clf['path']}); these labels are of other data")
         else:
             space = stats_space
     if args.features != "inception":
@@ -1171,7 +1181,8 @@ def main(argv=None):
                                        f"{args.features} {name}")
             data[name].update(out)
             shape = f"{side['hw'][1]}x{side['hw'][0]}" if sizes[name] is None else f"{sizes[name]}x{sizes[name]}"
-            log(f"{name}: {side['n']} images of {shape}, {speed[name]:.1f} images/s on {device} (batch {args.batch_size})")
+            log(f"{name}: {side['n']} images of {shape}, {speed[name]:.1f} images/s on {device} "
+                f"(batch {args.batch_size})")
 
     # float16 distances only to reproduce ADM's Inception numbers: they round away the small distances of other spaces
     values, why = compute_metrics(data["samples"], data["ref"], is_splits=args.is_splits,
@@ -1184,8 +1195,9 @@ def main(argv=None):
         metrics = ("fd", "sfid", "is", "precision", "recall")
     if ckpt is not None:
         for key, name in (("class_accuracy", "samples"), ("ref_class_accuracy", "ref")):
-            values[key], why[key] = class_accuracy(sides[name], data[name].get("pred"), ckpt) if has_images(sides[name]) \
-                else (None, f"{sides[name]['flag']} holds statistics, no images to classify")
+            side = sides[name]
+            values[key], why[key] = class_accuracy(side, data[name]["pred"], ckpt) if has_images(side) else \
+                (None, f"{side['flag']} holds statistics, no images to classify")
         metrics += ("class_accuracy", "ref_class_accuracy")
     num = {n: (len(s["feats"]) if "feats" in s else None) for n, s in data.items()}
     if args.features == "inception" and num["samples"] is not None and num["samples"] < 50000:

@@ -873,3 +873,15 @@ def test_fid_copied_alone_computes_inception_metrics_of_npz_files_and_names_comm
                        capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: --ref")
     assert "common.py" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_inception_reads_a_reference_folder_of_mixed_sizes_at_the_samples_size(tmp_path, sides):
+    samples, _, flags = sides  # 8 px samples
+    rng = np.random.default_rng(100)
+    for i, (w, h) in enumerate([(40, 32), (28, 28), (8, 8)]):
+        save_png(tmp_path / "ref" / f"{i}.png", rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    cmd = [sys.executable, "-c", RUN_FID_WITHOUT_SQRTM, samples, "--ref", str(tmp_path / "ref"), *flags,
+           "--out", str(tmp_path / "m.json")]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "ref: 3 images of 8x8" in r.stdout and json.load(open(tmp_path / "m.json"))["num_ref"] == 3
