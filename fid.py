@@ -921,7 +921,9 @@ def dinov2_fn(name, device):
     """uint8 (B, H, W, 3) -> {"feats": the CLS token (B, D)}: /255, ImageNet mean/std, bicubic (antialiased when
     shrinking, as PIL) to 224 px."""
     common = _common("--features dinov2")
-    model, _, res = common.load_vis_encoder(name, 256, DINOV2_RES, flag="--dinov2")
+    model, _, res = common.load_vis_encoder(name, 256, DINOV2_RES, flag="--dinov2", fix=(
+        "pass a local DINOv2 .pth (the official dinov2_vit*14_pretrain.pth or a timm state dict) with --dinov2 FILE, or "
+        "--features classifier (a classifier trained on the labelled reference, offline)"))
     model = model.to(device).eval().requires_grad_(False)
     mean, std = (torch.tensor(v, device=device)[:, None, None] for v in (common.IMAGENET_MEAN, common.IMAGENET_STD))
 

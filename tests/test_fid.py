@@ -856,6 +856,15 @@ def test_dinov2_features_are_the_cls_token_of_the_images_resized_to_224_as_pil_d
     assert "fid" not in out and np.isfinite(out["fd"]) and out["sfid"] is None
 
 
+def test_dinov2_name_that_cannot_be_downloaded_offers_a_local_file_or_the_classifier(tmp_path, sides):
+    samples, ref, _ = sides
+    before = snapshot(tmp_path)
+    r = run_fid(samples, "--ref", ref, "--features", "dinov2", "--out", tmp_path / "m.json",
+                env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert_fails_cleanly(r, before, tmp_path, "--dinov2 dinov2_vitl14", "cannot download", "--dinov2 FILE",
+                         "--features classifier")
+
+
 # ----------------------------------------------------------------------------- fid.py alone
 
 def test_fid_copied_alone_computes_inception_metrics_of_npz_files_and_names_common_for_folders(tmp_path, sides):
