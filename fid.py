@@ -803,6 +803,15 @@ UNLABELLED = {"npz": "an .npz (not a class folder or dataset directory)", "stats
               "folder": "a folder without class subfolders"}
 
 
+def _check_labels(sides, k, path):
+    """An .npz's labels must be classes of the classifier (sample.py's are the classes of its training data)."""
+    for side in sides.values():
+        labels = side.get("labels")
+        if side["kind"] == "npz" and labels is not None and ((labels < 0) | (labels >= k)).any():
+            die(f"{side['flag']} {side['path']}: labels hold classes outside 0..{k - 1}, the {k} classes of the "
+                f"classifier ({path}); these labels are of other data")
+
+
 def _labelled(side):
     return side is not None and side["kind"] in ("folder", "dataset") and side["labels"] is not None
 
@@ -829,6 +838,7 @@ def plan_classifier(args, sides, size, writes):
                 "pass --image-size {0} or train another (--classifier NEW.pt)".format(ckpt["image_size"]))
         plan = dict(path=args.classifier, ckpt=ckpt, train=None, class_names=ckpt.get("class_names"),
                     **{k: ckpt[k] for k in ("key", "channels", "image_size", "num_classes")})
+        _check_labels(sides, ckpt["num_classes"], args.classifier)
         if args.classifier_data and data_key(data, ckpt["image_size"]) != ckpt.get("data_key"):
             die(f"--classifier {args.classifier} was trained on other data ({ckpt.get('trained_on')}) than "
                 f"--classifier-data {args.classifier_data}: delete it to train again, pass another --classifier, or "
@@ -849,6 +859,7 @@ def plan_classifier(args, sides, size, writes):
     if len(train) < 2 or num_classes < 2:
         die(f"--classifier-data {data['path']}: {data['n']} images in {num_classes} classes are too few to train a "
             "classifier; give at least 2 classes and a few images of each")
+    _check_labels(sides, num_classes, f"to be trained on {data['path']}")
     epochs = args.classifier_epochs or default_epochs(len(train))
     dkey = data_key(data, size)
     key = classifier_key(dkey, size, channels, epochs, args.classifier_seed)
@@ -1151,11 +1162,6 @@ def main(argv=None):
             clf = plan_classifier(args, sides, size, lambda path, flag, fix: check_new_file(
                 path, flag, fix, inputs_of(args), [p for p, _ in plan]))
             size, channels, space = clf["image_size"], clf["channels"], f"classifier:{clf['key']}"
-            for side in sides.values():
-                labels, k = side.get("labels"), clf["num_classes"]
-                if side["kind"] == "npz" and labels is not None and ((labels < 0) | (labels >= k)).any():
-                    die(f"{side['flag']} {side['path']}: labels hold classes outside 0..{k - 1}, the {k} classes of "
-                        f"the classifier ({clf['path']}); these labels are of other data")
         else:
             space = stats_space
     if args.features != "inception":

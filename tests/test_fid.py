@@ -812,8 +812,8 @@ def test_classifier_without_usable_labels_fails_in_one_line_before_training(tmp_
     before = snapshot(tmp_path)
     r = run_fid(tmp_path / "samples.npz", *argv, "--features", "classifier",
                 env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")})
-    assert_fails_cleanly(r, before, tmp_path, *expect)  # also: no classifier file in the cache
-    assert "classifier: training" not in r.stdout
+    assert_fails_cleanly(r, before, tmp_path, *expect)
+    assert "classifier: training" not in r.stdout and not (tmp_path / "cache").exists()  # no cache, no classifier
 
 
 def test_classifier_file_of_another_resolution_is_refused(classifier_run, tmp_path):
