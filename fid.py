@@ -1146,6 +1146,10 @@ def main(argv=None):
     size = args.image_size or (_square_size(sides["samples"]) if has_images(sides["samples"]) else None)
     plan = plan_outputs(args, sides)
     clf, channels, sizes = None, 3, {}
+    if args.features != "inception":
+        for side in sides.values():  # an image .npz's statistics (an ADM reference batch's) are Inception's
+            side["stored"] = {} if side["kind"] == "npz" else \
+                {k: v for k, v in side["stored"].items() if k not in ("logits", "mu_s", "sigma_s")}
     if args.features == "inception":
         if imaged:  # statistics need no network
             _check_inception_path(args.inception_weights)
@@ -1155,18 +1159,12 @@ def main(argv=None):
         if imaged:
             check_dinov2(args.dinov2)
         space = f"dinov2:{os.path.basename(args.dinov2) if os.path.isfile(args.dinov2) else args.dinov2}"
+    elif imaged:
+        clf = plan_classifier(args, sides, size, lambda path, flag, fix: check_new_file(
+            path, flag, fix, inputs_of(args), [p for p, _ in plan]))
+        size, channels, space = clf["image_size"], clf["channels"], f"classifier:{clf['key']}"
     else:
-        for side in sides.values():  # an image .npz's stored statistics (an ADM reference batch's) are Inception's
-            side["stored"] = {} if side["kind"] == "npz" else side["stored"]
-        if imaged:
-            clf = plan_classifier(args, sides, size, lambda path, flag, fix: check_new_file(
-                path, flag, fix, inputs_of(args), [p for p, _ in plan]))
-            size, channels, space = clf["image_size"], clf["channels"], f"classifier:{clf['key']}"
-        else:
-            space = stats_space
-    if args.features != "inception":
-        for side in sides.values():
-            side["stored"] = {k: v for k, v in side["stored"].items() if k not in ("logits", "mu_s", "sigma_s")}
+        space = stats_space
     _check_spaces(args, sides, space)
     for name, side in sides.items():
         if has_images(side):  # Inception and DINOv2 resize an .npz's images themselves: they go as they are
