@@ -524,15 +524,18 @@ def table(b):
                      f"{fmt(r['syncs'], 'd')} |")
     ratios = precision_ratios(b.rows)
     if ratios:
-        lines += ["", "fp32 time / bf16 time (above 1: bf16 is faster): "
+        lines += ["", "fp32 time / bf16 time, median over rounds (above 1: bf16 is faster): "
                   + "; ".join(f"{part} {mode} {what}: {r:.2f}x" for (part, mode, what), r in ratios.items())]
     return "\n".join(lines)
 
 
 def precision_ratios(rows):
-    """{(part, mode, what): fp32 ms / bf16 ms} of the rows measured in both precisions."""
-    ms = {(r["part"], r["mode"], r["what"], r["precision"]): r["ms"] for r in rows if r["ms"]}
-    return {k[:3]: ms[k] / ms[(*k[:3], "bf16")] for k in ms if k[3] == "fp32" and (*k[:3], "bf16") in ms}
+    """{(part, mode, what): fp32 / bf16 time} of the rows measured in both precisions: the median over the
+    rounds of the ratio within a round, the two calls that ran one after the other (a load that comes and
+    goes on shared cores slows both alike)."""
+    each = {(r["part"], r["mode"], r["what"], r["precision"]): r["ms_each"] for r in rows if r["ms"]}
+    return {k[:3]: statistics.median(a / b for a, b in zip(each[k], each[(*k[:3], "bf16")]))
+            for k in each if k[3] == "fp32" and (*k[:3], "bf16") in each}
 
 
 def check_args(args):
