@@ -75,24 +75,29 @@ PROFILES = {
         budgets=((60, "1%"), (300, "5%")), spans=(0.7, 1.0), methods=METHODS, prompt="a photo of a {}",
         names=("t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
                "ankle boot"),
-        vis_epochs=3, classifier_epochs=None, convergence_points=4, reliability_subset=1000),
+        vis_epochs=3, classifier_epochs=None, convergence_points=4, reliability_subset=200),
     "small": dict(                     # every kind of work once: the structure, in a minute (tests)
         image_size=8, model="SiT-T/4", batch=16, lr=1e-3, ema=0.5, pilot_steps=8, pilot_points=2,
         samples=20, sampler="euler", sample_steps=2, cfg=1.5, seeds=(0, 1), budgets=((3, "~20%"),),
-        spans=(0.7,), methods=("random", "kcenter"), prompt="a picture of {}", names=None, vis_epochs=1, classifier_epochs=1,
+        spans=(0.7,), methods=("random",), prompt="a picture of {}", names=None, vis_epochs=1, classifier_epochs=1,
         convergence_points=2, reliability_subset=None),
 }
 # score.py's estimator (its defaults) and the schemes the reliability table compares
 SCORE_ARGS = ["--num-timesteps", 10, "--draws", "shared", "--antithetic"]
 SCHEMES = {
-    "10 timesteps, own draws (T=10)": ["--num-timesteps", 10, "--draws", "item"],
-    "40 timesteps, own draws": ["--num-timesteps", 40, "--draws", "item"],
-    "10 timesteps x 4 noises, own draws": ["--num-timesteps", 10, "--noises-per-timestep", 4, "--draws", "item"],
-    "10 timesteps, antithetic, own draws": ["--num-timesteps", 10, "--antithetic", "--draws", "item"],
-    "10 timesteps, shared draws": ["--num-timesteps", 10, "--draws", "shared"],
-    "10 timesteps, shared, antithetic": ["--num-timesteps", 10, "--draws", "shared", "--antithetic"],
-    "20 timesteps, shared, antithetic": ["--num-timesteps", 20, "--draws", "shared", "--antithetic"],
-    "40 timesteps, shared, antithetic": ["--num-timesteps", 40, "--draws", "shared", "--antithetic"],
+    "own draws, 10 timesteps (the estimator before)": ["--draws", "item", "--no-antithetic", "--num-timesteps", 10],
+    "own draws, 40 timesteps": ["--draws", "item", "--no-antithetic", "--num-timesteps", 40],
+    "own draws, 10 timesteps x 4 noises": ["--draws", "item", "--no-antithetic", "--num-timesteps", 10,
+                                           "--noises-per-timestep", 4],
+    "own draws, 10 timesteps, antithetic": ["--draws", "item", "--antithetic", "--num-timesteps", 10],
+    "shared draws, 10 timesteps": ["--draws", "shared", "--no-antithetic", "--num-timesteps", 10],
+    "shared, antithetic, 5 timesteps": ["--draws", "shared", "--antithetic", "--num-timesteps", 5],
+    "shared, antithetic, 10 timesteps (default)": ["--draws", "shared", "--antithetic", "--num-timesteps", 10],
+    "shared, antithetic, 20 timesteps": ["--draws", "shared", "--antithetic", "--num-timesteps", 20],
+    "shared, antithetic, 10 timesteps in t < 0.5": ["--draws", "shared", "--antithetic", "--num-timesteps", 10,
+                                                   "--t-range", 0, 0.5],
+    "shared, antithetic, 10 timesteps in t >= 0.5": ["--draws", "shared", "--antithetic", "--num-timesteps", 10,
+                                                    "--t-range", 0.5, 1],
 }
 NAMES = {"full": "full data", "random": "random", "min": "min (easiest)", "max": "max (hardest)", "medium": "medium",
          "kcenter": "K-Center", "herding": "herding", "interval": "interval"}
@@ -207,12 +212,15 @@ class Plan:
                 self.z[k] = getattr(args, k)
         if args.seeds is not None:
             self.z["seeds"] = tuple(args.seeds)
+        custom = args.dataset not in ("digits", "fashion-mnist")
+        self.num_classes = len([e for e in os.scandir(args.dataset) if e.is_dir()]) if custom else 10
+        self.z["samples"] -= self.z["samples"] % self.num_classes  # class-balanced sampling
         self.name = args.name
         self.out = os.path.abspath(args.out or os.path.join("study_out", self.name))
         self.cache = os.path.join(self.out, "cache")
         self.cells = os.path.join(args.cells, self.name)
         self.jobs = max(1, args.jobs)
-        self.threads = max(1, (os.cpu_count() or 1) // self.jobs)
+        self.threads = args.threads or max(1, (os.cpu_count() or 1) // self.jobs)
         self.nodes, self.lock = {}, threading.Lock()
 
     def path(self, *parts):
@@ -450,6 +458,7 @@ class Plan:
     def real_images(self, data, seed=0, count=None):
         """An .npz of real training images (uint8, with labels): a subset's own images (count None),
         or `count` random training images (the real-data floor)."""
+        seed = seed if count else 0  # a subset's own images draw nothing
         spec = {"data": data.key, "seed": seed, "count": count}
         return self.node("real", spec, f"real images of {data.label}" + (f" ({count}, draw {seed})" if count else ""),
                          lambda k: self.path(k + ".npz"), [data],
@@ -944,6 +953,13 @@ def report_dataset(plan):
             if rs and f != 1.0:
                 L.append(f"- {f:.0%} scorer vs the 100% scorer of the same seed: within-class Spearman "
                          f"{np.mean(rs):.3f} (mean over {len(rs)} seeds)")
+        full = [sc[1.0][1][s] for s in z["seeds"] if sc[1.0][1][s].done()]
+        pairs = [spearman_within_class(np.load(a.path), np.load(b.path),
+                                       np.load(os.path.join(os.path.dirname(a.path), "labels.npy")))
+                 for i, a in enumerate(full) for b in full[i + 1:]]
+        if pairs:
+            L.append(f"- 100% scorers of different training seeds against each other: within-class Spearman "
+                     f"{np.mean(pairs):.3f} (mean over {len(pairs)} pairs; min {min(pairs):.3f})")
         L += [""]
     return L, claims
 
@@ -957,8 +973,12 @@ def report(plan):
     for name in datasets:
         if name.endswith("-small"):
             continue
-        args = argparse.Namespace(**{**vars(plan.args), "dataset": name, "profile": name if name in PROFILES
-                                     else "fashion-mnist", "name": name, "out": None})
+        ds = os.path.join(plan.args.cells, name, "dataset.json")
+        ds = json.load(open(ds)) if os.path.exists(ds) else {"dataset": name, "heldout": None, "profile": name}
+        args = argparse.Namespace(**{**vars(plan.args), **ds, "name": name, "out": None, "steps": None})
+        if args.profile not in PROFILES or not os.path.isdir(args.dataset) and args.dataset not in PROFILES:
+            print(f"skipping {name}: its folders are gone ({args.dataset})")
+            continue
         lines, claims = report_dataset(Plan(args))
         L += lines
         verdicts[name] = claims
@@ -996,6 +1016,8 @@ def targets_of(plan, table):
     R, z, out = Rows(plan), plan.z, []
     if table == "selection":
         for ipc, _ in z["budgets"]:
+            if plan.args.ipcs and ipc not in plan.args.ipcs:
+                continue
             out += [c for cells, real in R.selection(ipc).values() for c in cells + real]
         out += R.floor()
     elif table == "attach":
@@ -1012,6 +1034,11 @@ def targets_of(plan, table):
 
 def prepare(plan):
     os.makedirs(plan.cache, exist_ok=True)
+    a = plan.args
+    if a.dataset not in ("digits", "fashion-mnist"):  # what `report` needs to rebuild the plan's keys
+        os.makedirs(plan.cells, exist_ok=True)
+        atomic_save({"dataset": os.path.abspath(a.dataset), "heldout": os.path.abspath(a.heldout),
+                     "profile": a.profile}, os.path.join(plan.cells, "dataset.json"))
     names = plan.z["names"]
     if names is None:  # the class folder names
         train = plan.args.dataset if plan.args.dataset not in ("digits", "fashion-mnist") else None
@@ -1067,9 +1094,12 @@ def get_parser():
     p.add_argument("--samples", type=int, default=None, help="override the profile's samples per cell")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="override the profile's seeds (>= 5 to judge)")
     p.add_argument("--steps", type=int, default=None, help="training steps instead of the pilot's choice")
+    p.add_argument("--ipcs", type=int, nargs="+", default=None,
+                   help="selection: run only these budgets (images per class) of the profile's, e.g. the smallest first")
     p.add_argument("--out", default=None, help="cache folder (default study_out/NAME)")
     p.add_argument("--cells", default=CELLS, help="where the per-cell results go (committed)")
-    p.add_argument("--jobs", type=int, default=2, help="pieces of work at once, each on cpu_count / jobs threads")
+    p.add_argument("--jobs", type=int, default=2, help="pieces of work at once, each on --threads threads")
+    p.add_argument("--threads", type=int, default=None, help="threads of each piece (default cpu_count / jobs)")
     p.add_argument("--parent", help=argparse.SUPPRESS)
     p.add_argument("--per-class", type=int, default=None, help=argparse.SUPPRESS)
     return p
