@@ -677,7 +677,7 @@ def extract(fn, images, batch_size, desc):
 CLASSIFIER_WIDTHS = (32, 64, 128)
 CLASSIFIER_VERSION = 1  # in the cache key: another architecture or recipe trains anew
 CLASSIFIER_BATCH, CLASSIFIER_LR = 128, 3e-3
-CLASSIFIER_EPOCHS, CLASSIFIER_MIN_STEPS = 3, 600
+CLASSIFIER_EPOCHS, CLASSIFIER_MIN_STEPS, CLASSIFIER_MAX_EPOCHS = 3, 600, 100
 HELDOUT = 0.1
 
 
@@ -715,8 +715,10 @@ def heldout_split(labels, fraction=HELDOUT):
 
 
 def default_epochs(n_train):
-    """3 passes, or on a small set as many as make CLASSIFIER_MIN_STEPS steps (a few passes learn nothing there)."""
-    return max(CLASSIFIER_EPOCHS, math.ceil(CLASSIFIER_MIN_STEPS / math.ceil(n_train / CLASSIFIER_BATCH)))
+    """3 passes, or on a small set as many as make CLASSIFIER_MIN_STEPS steps (a few passes learn nothing there),
+    at most CLASSIFIER_MAX_EPOCHS (hundreds of passes over a few dozen images only memorise them)."""
+    steps_per_epoch = math.ceil(n_train / CLASSIFIER_BATCH)
+    return max(CLASSIFIER_EPOCHS, min(CLASSIFIER_MAX_EPOCHS, math.ceil(CLASSIFIER_MIN_STEPS / steps_per_epoch)))
 
 
 def train_classifier(images, labels, num_classes, epochs, seed, device):
@@ -1057,7 +1059,7 @@ def parse_args(argv):
                    "--ref when it is one of these)")
     p.add_argument("--classifier-epochs", type=int, help=f"--features classifier: passes over its training images "
                    f"(default: {CLASSIFIER_EPOCHS}, or on a small set as many as make {CLASSIFIER_MIN_STEPS} steps of "
-                   f"{CLASSIFIER_BATCH} images)")
+                   f"{CLASSIFIER_BATCH} images, at most {CLASSIFIER_MAX_EPOCHS})")
     p.add_argument("--classifier-seed", type=int, help="--features classifier: seed of its initialisation and batch "
                    "order (default: 0)")
     p.add_argument("--dinov2", help="--features dinov2: a local DINOv2 .pth (the official dinov2_vit*14_pretrain.pth "

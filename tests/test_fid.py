@@ -900,3 +900,10 @@ def test_inception_reads_a_reference_folder_of_mixed_sizes_at_the_samples_size(t
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "ref: 3 images of 8x8" in r.stdout and json.load(open(tmp_path / "m.json"))["num_ref"] == 3
+
+
+def test_default_classifier_epochs_make_600_steps_on_small_sets_at_most_100_passes():
+    # batches of 128: 54,000 images -> 422 steps a pass, 3 passes; 1,293 -> 11, ceil(600 / 11) = 55; 54 -> 1, capped
+    assert fid.default_epochs(54_000) == 3
+    assert fid.default_epochs(1_293) == 55
+    assert fid.default_epochs(54) == 100
