@@ -35,8 +35,9 @@ from common import (IMAGENET_MEAN, IMAGENET_STD, Output, add_output_flags, atomi
                     load_dataset, load_vis_encoder, parser, progress, run, setup_distributed)
 
 TEXT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-VIS_ALTERNATIVES = ("pass a local DINOv2 .pth (official or timm layout), --vis-encoder none (no visual tokens), or "
-                    "--vis-features FILE.npy (tokens of every parent row computed elsewhere)")
+VIS_ALTERNATIVES = ("download it where there is one and pass the local path (a DINOv2 .pth, official or timm layout), "
+                    "or pass --vis-encoder none (no visual tokens) or --vis-features FILE.npy (tokens of every parent "
+                    "row computed elsewhere)")
 
 
 def load_indices(path, n):
