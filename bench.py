@@ -335,7 +335,7 @@ def sampler_evaluations(objective, steps, cfg_scale, low, high):
 
 
 def bench_score(b, mode):
-    """score.py's forward: the loss (vb off) at T timesteps of B images in B*T rows, no grad."""
+    """score.py's forward: the loss (vb off) at T draws (timestep, noise) of B images in B*T rows, no grad."""
     args, B, T = b.args, b.args.batch_size, b.args.score_timesteps
     model = build_model(args, b.device).eval().requires_grad_(False)
     net = compile_model(model, mode)
@@ -350,7 +350,7 @@ def bench_score(b, mode):
             score_batch(net, b.objective, schedule, x, y, t, noise)
     b.reset_memory()
     seconds = b.time(one)
-    b.add("score", mode, f"{T} timesteps per image, B*T rows", B, seconds, 2 * forward_macs(model, b.latent) * T,
+    b.add("score", mode, f"{T} forwards per image, B*T rows", B, seconds, 2 * forward_macs(model, b.latent) * T,
           b.count_syncs(one))
 
 
@@ -639,7 +639,8 @@ def get_parser():
     p.add_argument("--modes", type=csv, default=",".join(MODES), help="comma-separated: eager, compile or both")
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations first (compilation happens here)")
     p.add_argument("--iters", type=int, default=10, help="timed iterations; the median is reported")
-    p.add_argument("--score-timesteps", type=int, default=10, help="timesteps per image of the scoring rows")
+    p.add_argument("--score-timesteps", type=int, default=20,
+                   help="forwards per image of the scoring rows (score.py's default: 10 timesteps x 2 antithetic noises)")
     p.add_argument("--cfg-scale", type=float, default=1.8, help="guidance scale of the guided sampling rows")
     p.add_argument("--guidance-low", type=float, default=0.0,
                    help="lower end of the guidance interval of --sample-steps (t, 1 = noise)")

@@ -73,7 +73,7 @@ stage() {  # stage NAME COMMAND...: run it, print and record its wall time and t
   printf '%s\t%.2f\t%s\n' "$name" "$dt" "$(cut -d' ' -f1 /proc/loadavg)" >> "$OUT/times.tsv"
   printf '=== %s took %.1f s\n' "$name" "$dt"
 }
-TRAIN=(train.py --model $MODEL --global-batch-size $BATCH --max-steps $STEPS --lr $LR --ema-decay $EMA
+TRAIN=(train.py --model $MODEL --global-batch-size $BATCH --max-steps $STEPS --lr $LR --ema-decay $EMA --ema-warmup
        --log-every 50 --ckpt-every $STEPS --num-workers 0)
 SAMPLE=(sample.py --num-fid-samples $NUM_SAMPLES --class-balanced --cfg-scale 1.5 $SAMPLER --per-proc-batch-size 500)
 

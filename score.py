@@ -303,6 +303,11 @@ def main(args):
                 f"{forwards_per_image(args)} forwards per image ({scheme(args)}), {world} rank(s), "
                 f"{'bf16 autocast' if args.bf16 else 'fp32'}{', compiled' if args.compiled else ''}; "
                 f"{out.summary('images')}")
+    init = (info.get("ema") or {}).get("init_weight")
+    if init is not None and init > 0.01:
+        logger.warning(f"warning: the scorer's EMA weights are still {init:.0%} its initialisation (train it longer "
+                       "or with train.py --ema-warmup): its ranking is mostly the images' norms (see the zero-output "
+                       "agreement below)")
     score_chunks(out, model, info, labels, args, device, logger)
     out.end_chunks()  # waits for every rank; fails if a chunk is missing
     if rank == 0:

@@ -471,3 +471,14 @@ def test_noisier_images_score_harder_under_a_trained_model(tmp_path, monkeypatch
         torch.set_num_threads(threads)
     s = np.load(os.path.join(data, "scores.npy")).reshape(3, 9)
     assert np.all(s[0] < s[1]) and np.all(s[1] < s[2]), s
+
+
+def test_a_scorer_whose_ema_is_mostly_its_initialisation_is_named_in_the_log(base, tmp_path, monkeypatch):
+    monkeypatch.setitem(models.SIZES, "S", TINY)
+    path = tiny_ckpt(tmp_path / "young.pt")
+    ck = torch.load(path, weights_only=False)
+    ck.update(args={"ema_decay": 0.999, "ema_warmup": False}, step=10)  # 0.999 ** 10 = 99% the initialisation
+    torch.save(ck, path)
+    data = fresh(base, "young")
+    main(["--data-path", data, "--ckpt", path, "--num-timesteps", 2])
+    assert "EMA weights are still 99% its initialisation" in open(os.path.join(data, "score_log.txt")).read()

@@ -16,7 +16,7 @@ Benchmarks (bench.py, one process each, --json into the temporary directory):
   sampling  the 250-step SDE with guidance 1.8 for t <= 0.7 (REPA's setting): images/s from the
             median times of one compiled evaluation of B and of 2B rows, times the evaluations of
             each kind in one run (78 and 172, counted by bench.sampler_evaluations)
-  scoring   score.py's forward, 10 timesteps per image, compiled
+  scoring   score.py's forward, 20 forwards per image (10 timesteps, antithetic), compiled
 Every step runs under the deadline of --budget seconds; a benchmark the deadline leaves no time
 for is listed as not run. Exit status 0 when no test failed and every benchmark ran, else 1.
 """
@@ -39,7 +39,7 @@ SETTINGS = {
                 modes="eager", warmup=1, iters=2, budget=300, tier_timeout=120, min_bench_s=10),
 }
 SAMPLING = dict(steps=250, cfg_scale=1.8, low=0.0, high=0.7)  # REPA's SiT-XL/2 setting, 422 rows per image
-SCORE_TIMESTEPS = 10
+SCORE_TIMESTEPS = 20  # score.py's default: 10 timesteps x 2 antithetic noises
 MEMORY_FRACTION = 0.9  # of the device's memory, for the batch choice: the allocator and CUDA context need the rest
 FAILURES = ("FAILED", "ERROR", "NOT RUN", "OUT OF MEMORY")  # results that make the exit status 1
 
@@ -139,7 +139,7 @@ def bench_run(c, name, flags):
         c.add(f"bench: {name}", "NOT RUN", "", f"the {c.args.budget or c.s['budget']} s budget was spent")
         return None
     out = os.path.join(c.args.tmp, f"{name.split()[0]}.json")
-    cmd = [sys.executable, "bench.py", "--model", c.s["model"], "--image-size", c.s["image_size"], "--precision", "bf16",
+    cmd = [sys.executable, "bench.py", "--model", c.s["model"], "--image-size", c.s["image_size"], "--precision", c.s["precision"],
            *flags, "--json", out]
     rc, seconds, text = c.run(cmd, name.split()[0], c.left())
     if rc != 0 or not os.path.exists(out):
@@ -226,7 +226,7 @@ def sampling(c):
 
 def scoring(c):
     B = c.s["score_batch"]
-    name = f"scoring {c.s['model']}, {SCORE_TIMESTEPS} timesteps, {c.s['precision']}, {c.s['modes']}, batch {B}"
+    name = f"scoring {c.s['model']}, {SCORE_TIMESTEPS} forwards per image, {c.s['precision']}, {c.s['modes']}, batch {B}"
     r = bench_run(c, name, ["--only", "score", "--modes", c.s["modes"], "--batch-size", B, "--score-timesteps",
                             SCORE_TIMESTEPS, "--warmup", c.s["warmup"], "--iters", c.s["iters"]])
     if r is None:
