@@ -72,8 +72,9 @@ def finish(proc, timeout=600):
 
 
 def losses(log):
-    """{step: (diffusion loss, alignment loss)} of train.py's log lines."""
-    return {int(s): (float(a), float(b)) for s, a, b in re.findall(r"step (\d+) loss (\S+) proj (\S+)", log)}
+    """{step: (diffusion loss, alignment loss or None)} of train.py's log lines (proj only with alignment)."""
+    return {int(s): (float(a), float(b) if b else None)
+            for s, a, b in re.findall(r"step (\d+) loss (\S+)(?: proj (\S+))?", log)}
 
 
 def load(results, step):
