@@ -838,6 +838,8 @@ CLAIMS = (
 
 
 def fmt_pair(c):
+    if c["n"] == 0:
+        return "-"
     if c["n"] < 2:
         return f"{c['mean']:+.2f} (n={c['n']})"
     return f"{c['mean']:+.2f} [{c['lo']:+.2f}, {c['hi']:+.2f}] (n={c['n']})"
@@ -863,7 +865,8 @@ def table_lines(rows, ref, real=None):
         c = None if name == ref else paired(v, base)
         comps[name] = c
         extra = [summary(values(cells, m).values())["mean"] for m in ("precision", "recall", "class_accuracy")]
-        L.append(f"| {name} | {fmt_row(v)} | {'-' if c is None else fmt_pair(c)} | {'reference' if c is None else word(c)} | "
+        verdict = "reference" if c is None else word(c) if c["n"] else "-"
+        L.append(f"| {name} | {fmt_row(v)} | {'-' if c is None else fmt_pair(c)} | {verdict} | "
                  + " | ".join("-" if np.isnan(e) else f"{e:.3f}" for e in extra) +
                  (f" | {fmt_row(values(real[name])) if real.get(name) else '-'} |" if real else " |"))
     return L, comps
@@ -931,12 +934,12 @@ def report_dataset(plan):
     if any(rel):
         L += ["### Score reliability", "",
               "| scorer | scheme | forwards per image | split-half (Spearman-Brown) | test-retest Spearman | min overlap | "
-              "medium overlap |", "|---|---|---|---|---|---|---|"]
+              "medium overlap | agreement with a zero-output network |", "|---|---|---|---|---|---|---|---|"]
         for r in filter(None, rel):
             sh = [x["spearman_brown"] for x in r["split_half"] if x]
             L.append(f"| {r['scorer_fraction']:.0%} ({r['scorer_steps']} steps) | {r['scheme']} | {r['forwards_per_image']} | "
                      f"{np.mean(sh):.3f} | {r['test_retest_spearman']:.3f} | {r['overlap']['min']:.2f} | "
-                     f"{r['overlap']['medium']:.2f} |")
+                     f"{r['overlap']['medium']:.2f} | {np.mean([x.get('zero_model_spearman', np.nan) for x in r['split_half'] if x]):.2f} |")
         L += ["", f"Scored images: {rel[0]['images'] if rel[0] else '-'}; overlap: the share of the IPC "
               f"{z['budgets'][0][0]} min / medium picks two scorings (seeds 0, 1) agree on.", ""]
     sc = R.scorer(ipc)
@@ -991,7 +994,7 @@ def report(plan):
                          f"{'holds' if c['verdict'] == 'lower' else 'does not hold' if c['verdict'] == 'higher' else 'can' + chr(39) + 't tell'}: "
                          f"ΔFD {fmt_pair(c)}")
         V.append(f"| {claim} | " + " | ".join(cells) + " |")
-    L[6:6] = ["## Verdict", "", "ΔFD = FD(claimed better row) - FD(other row), paired over seeds, 95% t interval; "
+    L[4:4] = ["## Verdict", "", "ΔFD = FD(claimed better row) - FD(other row), paired over seeds, 95% t interval; "
               "\"holds\" when the interval lies below 0.", ""] + V + [""]
     os.makedirs(os.path.join(ROOT, "docs"), exist_ok=True)
     atomic_save("\n".join(L) + "\n", os.path.join(ROOT, "docs", "study.md"), "text")
