@@ -142,14 +142,19 @@ def read_idx(path):
     return arr.reshape(shape)
 
 
-def fashion_mnist(folder):
-    """{'train': (images, labels), 'heldout': (...)} from the official files, or one error naming both sources."""
+def check_fashion_mnist(folder):
+    """One error naming both sources when an official file is missing."""
     missing = [f for pair in IDX.values() for f in pair if not os.path.isfile(os.path.join(folder, f))]
     if missing:
         raise SystemExit(f"error: --fmnist-dir {folder} lacks {', '.join(missing)}: on Debian/Ubuntu `apt-get install "
                          "dataset-fashion-mnist` installs them under /usr/share/datasets/fashion-mnist; elsewhere "
                          "download them from https://github.com/zalandoresearch/fashion-mnist (data/fashion) and "
                          "pass their folder as --fmnist-dir")
+
+
+def fashion_mnist(folder):
+    """{'train': (images, labels), 'heldout': (...)} from the official files."""
+    check_fashion_mnist(folder)
     out = {}
     for split, (im, lb) in IDX.items():
         try:
@@ -1076,6 +1081,8 @@ def link(args):
 
 
 def run_table(plan, table):
+    if plan.args.dataset == "fashion-mnist" and not plan.folders().done():
+        check_fashion_mnist(plan.args.fmnist_dir)  # before any work starts
     prepare(plan)
     runner = Runner(plan)
     runner.execute(targets_of(plan, table))
