@@ -332,6 +332,7 @@ class Output:
                     f"to replace it{elsewhere}")
         if os.path.exists(self.partial) and not os.path.exists(os.path.join(self.partial, "request.json")):
             die(f"{self.partial} exists but was not made by this stage; move it away (it will not be deleted)")
+        barrier()  # every rank has looked before rank 0's start() makes OUT.partial (and then its request.json)
 
     def start(self, n=0, chunk=1):
         """Rank 0 makes OUT.partial for this request (a partial made for another one is started over)."""

@@ -204,11 +204,13 @@ def user(tmp_path_factory):
 
 
 def test_the_runner_evaluates_every_cell_on_the_heldout_split_and_stores_it(user):
-    cells = [json.load(open(user["cells"] / f)) for f in os.listdir(user["cells"])]
+    cells = [json.load(open(user["cells"] / f)) for f in os.listdir(user["cells"]) if f.startswith("cell-")]
     assert cells and all(c["metrics"]["fd"] is not None and c["commit"] for c in cells)
     assert all("classifier" in str(c["metrics"]["features"]) for c in cells)
     seeds = {c["seed"] for c in cells}
     assert seeds == {0, 1}
+    with open(user["cells"] / "dataset.json") as f:  # what the report needs to rebuild the plan
+        assert json.load(f)["heldout"] == str(user["root"] / "heldout")
 
 
 def test_a_second_run_computes_nothing(user):
