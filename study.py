@@ -953,23 +953,41 @@ def report_dataset(plan):
         lines, _ = table_lines({(f"scorer {f:.0%} of the steps"): cells for f, (cells, _) in sc.items()},
                                "scorer 100% of the steps")
         L += lines + [""]
-        from score import spearman_within_class
-        for f, (_, scored) in sc.items():
-            rs = [spearman_within_class(np.load(scored[s].path), np.load(sc[1.0][1][s].path),
-                                        np.load(os.path.join(os.path.dirname(scored[s].path), "labels.npy")))
-                  for s in z["seeds"] if scored[s].done() and sc[1.0][1][s].done()]
-            if rs and f != 1.0:
-                L.append(f"- {f:.0%} scorer vs the 100% scorer of the same seed: within-class Spearman "
-                         f"{np.mean(rs):.3f} (mean over {len(rs)} seeds)")
-        full = [sc[1.0][1][s] for s in z["seeds"] if sc[1.0][1][s].done()]
-        pairs = [spearman_within_class(np.load(a.path), np.load(b.path),
-                                       np.load(os.path.join(os.path.dirname(a.path), "labels.npy")))
-                 for i, a in enumerate(full) for b in full[i + 1:]]
-        if pairs:
-            L.append(f"- 100% scorers of different training seeds against each other: within-class Spearman "
-                     f"{np.mean(pairs):.3f} (mean over {len(pairs)} pairs; min {min(pairs):.3f})")
+        L += scorer_agreement(plan, sc) + [""]
         L += [""]
     return L, claims
+
+
+def scorer_agreement(plan, sc):
+    """Within-class Spearman of each scorer's ranking with the 100% scorer of its seed, and of the 100%
+    scorers with each other. Computed from the cached scores and kept in the cells folder
+    (scorer-agreement.json), so that the figures outlive the cache."""
+    from score import spearman_within_class
+    path, z = os.path.join(plan.cells, "scorer-agreement.json"), plan.z
+    def rho(a, b):
+        return spearman_within_class(np.load(a.path), np.load(b.path),
+                                     np.load(os.path.join(os.path.dirname(a.path), "labels.npy")))
+    stored = json.load(open(path)) if os.path.exists(path) else {}
+    found = {}
+    for f, (_, scored) in sc.items():
+        if f != 1.0:
+            rs = {str(s): rho(scored[s], sc[1.0][1][s]) for s in z["seeds"] if scored[s].done() and sc[1.0][1][s].done()}
+            if rs:
+                found[f"{f}"] = rs
+    full = [(s, sc[1.0][1][s]) for s in z["seeds"] if sc[1.0][1][s].done()]
+    pairs = {f"{s}-{t}": rho(a, b) for i, (s, a) in enumerate(full) for t, b in full[i + 1:]}
+    if pairs:
+        found["1.0 pairs"] = pairs
+    merged = {k: {**stored.get(k, {}), **v} for k, v in {**stored, **found}.items()}
+    if found and merged != stored:
+        atomic_save(merged, path)
+    L = [f"- {float(k):.0%} scorer vs the 100% scorer of the same seed: within-class Spearman "
+         f"{np.mean(list(v.values())):.3f} (mean over {len(v)} seeds)" for k, v in merged.items() if k != "1.0 pairs"]
+    if merged.get("1.0 pairs"):
+        v = list(merged["1.0 pairs"].values())
+        L.append(f"- 100% scorers of different training seeds against each other: within-class Spearman "
+                 f"{np.mean(v):.3f} (mean over {len(v)} pairs; min {min(v):.3f})")
+    return L
 
 
 def report(plan):
