@@ -75,7 +75,7 @@ PROFILES = {
         budgets=((60, "1%"), (300, "5%")), spans=(0.7, 1.0), methods=METHODS, prompt="a photo of a {}",
         names=("t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
                "ankle boot"),
-        vis_epochs=3, classifier_epochs=None, convergence_points=4, reliability_subset=200),
+        vis_epochs=3, classifier_epochs=None, convergence_points=4, reliability_subset=100),
     "small": dict(                     # every kind of work once: the structure, in a minute (tests)
         image_size=8, model="SiT-T/4", batch=16, lr=1e-3, ema=0.5, pilot_steps=8, pilot_points=2,
         samples=20, sampler="euler", sample_steps=2, cfg=1.5, seeds=(0, 1), budgets=((3, "~20%"),),
@@ -1005,9 +1005,11 @@ def report(plan):
         if args.profile not in PROFILES or not os.path.isdir(args.dataset) and args.dataset not in PROFILES:
             print(f"skipping {name}: its folders are gone ({args.dataset})")
             continue
-        lines, claims = report_dataset(Plan(args))
+        plan_ = Plan(args)
+        lines, claims = report_dataset(plan_)
         L += lines
-        verdicts[name] = claims
+        ipc, share = plan_.z["budgets"][0]
+        verdicts[f"{name} (IPC {ipc}, ~{share})"] = claims
     V = ["| claim (paper) | " + " | ".join(verdicts) + " |", "|---|" + "---|" * len(verdicts)]
     for claim, *_ in CLAIMS:
         cells = []
