@@ -743,7 +743,8 @@ class Rows:
 
     def convergence(self, ipc):
         seeds, span = self.z["seeds"], self.z["spans"][0]
-        steps = [self.steps * i // self.points for i in range(1, self.points + 1)]
+        every = max(1, self.steps // self.points)  # where train.py writes checkpoints (Plan.run), and the last step
+        steps = [every * i for i in range(1, self.points)] + [self.steps]
         iv = {s: self.subset("interval", ipc, s, span) for s in seeds}
         rnd = {s: self.subset("random", ipc, s) for s in seeds}
         return steps, {"full data": [self.full(step=p) for p in steps],

@@ -122,6 +122,20 @@ def test_attach_rows_share_one_interval_subset_and_differ_only_in_their_flags(tm
         label[0].key == study.Rows(plan_of(tmp_path)).selection(60)["interval, span 0.7"][0][0].key
 
 
+@pytest.mark.parametrize("steps", [375, 400, 3000, 7])
+def test_every_convergence_point_is_a_checkpoint_that_train_py_writes(tmp_path, steps):
+    R = study.Rows(plan_of(tmp_path, steps=steps))
+    points, rows = R.convergence(60)
+    assert len(points) == R.points and points[-1] == steps
+    for per in rows.values():
+        for p, cells in zip(points, per):
+            run = chain(cells[0])[1]
+            f = flags(run.cmd("train.py"))
+            every, last = int(f["--ckpt-every"]), int(f["--max-steps"])
+            written = {s for s in range(1, last + 1) if s % every == 0 or s == last}  # train.py's saving rule
+            assert p in written and flags(chain(cells[0])[0].cmd("sample.py"))["--ckpt"].endswith(f"{p:07d}.pt")
+
+
 def test_budgets_are_about_one_and_five_percent_of_fashion_mnist():
     assert study.PROFILES["fashion-mnist"]["budgets"] == ((60, "1%"), (300, "5%"))  # 600 and 3,000 of 60,000
 
