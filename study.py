@@ -387,7 +387,6 @@ class Plan:
                                      "--ema-decay", z["ema"], "--ema-warmup", "--global-seed", seed, "--log-every", every,
                                      "--ckpt-every", every, "--num-workers", 0, *(["--text-cond"] if text else []),
                                      *([] if vis else ["--no-vis"])], None)])
-        n.steps, n.cost = steps, steps * (2.4 if vis else 1)
         return n
 
     def ckpt(self, run, step):
@@ -957,7 +956,6 @@ def report_dataset(plan):
                                "scorer 100% of the steps")
         L += lines + [""]
         L += scorer_agreement(plan, sc) + [""]
-        L += [""]
     return L, claims
 
 
