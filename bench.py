@@ -25,7 +25,7 @@ hits both alike), and prints the fp32 / bf16 time ratios.
 
     python bench.py --model SiT-XL/2 --image-size 256 --batch-size 256 --precision bf16 --proj
 
-The README's numbers came from (CPU: 2 cores of an AMD EPYC):
+The numbers in docs/performance.md came from (CPU: 2 cores of an AMD EPYC):
     python bench.py --model SiT-S/2 --image-size 256 --batch-size 16 --warmup 2 --iters 7 \\
         --only train,loader --json results/bench_cpu_train.json
     OMP_NUM_THREADS=1 python bench.py --model SiT-S/2 --image-size 256 --batch-size 16 --warmup 1 \\
