@@ -947,8 +947,11 @@ def report_dataset(plan):
             L.append(f"| {r['scorer_fraction']:.0%} ({r['scorer_steps']} steps) | {r['scheme']} | {r['forwards_per_image']} | "
                      f"{np.mean(sh):.3f} | {r['test_retest_spearman']:.3f} | {r['overlap']['min']:.2f} | "
                      f"{r['overlap']['medium']:.2f} | {np.mean([x.get('zero_model_spearman', np.nan) for x in r['split_half'] if x]):.2f} |")
-        L += ["", f"Scored images: {rel[0]['images'] if rel[0] else '-'}; overlap: the share of the IPC "
-              f"{z['budgets'][0][0]} min / medium picks two scorings (seeds 0, 1) agree on.", ""]
+        r0 = next(filter(None, rel))
+        chance = r0["ipc"] * plan.num_classes / r0["images"]  # two random picks of ipc from images/classes share this
+        L += ["", f"Scored images: {r0['images']}; overlap: the share of the IPC {r0['ipc']} min / medium picks two "
+              f"scorings (seeds 0, 1) agree on; two random picks of {r0['ipc']} of the {r0['images'] // plan.num_classes} "
+              f"scored images per class would share {chance:.2f} by chance.", ""]
     sc = R.scorer(ipc)
     if any(c.done() for cells, _ in sc.values() for c in cells):
         L += [f"### Scorer training length (IPC {ipc}, interval span {z['spans'][0]}, class label only)", ""]
