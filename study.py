@@ -820,6 +820,8 @@ precision, recall (k = 3) on the classifier's features, and the classifier's acc
 sample was asked for. "real subset FD" is the FD of the selected real images themselves against the
 held-out split (what the subset covers before any training; fewer images than the samples, so not
 comparable across budgets); the real-data floor is an equal-size sample of real training images.
+K-Center and herding run on the pixels (the encoded images) and have no random part: one subset serves
+every seed, so their seeds vary training and sampling only, and their real subset FD is that subset's.
 Comparisons are paired over the seeds two rows share: the mean difference of FD with its 95% t interval
 (df = n - 1); a difference is called only when the interval excludes 0, otherwise "can't tell". Steps
 come from the pilot (the first checkpoint whose mean held-out FD is within 10% of the pilot's best);
@@ -861,6 +863,16 @@ def word(c, lower="lower FD"):
     return {"lower": f"**{lower}**", "higher": "**higher FD**"}.get(c["verdict"], "can't tell")
 
 
+def fmt_real(cells):
+    """The real subset FD of a row: over its seeds, or of its one subset (deterministic methods)."""
+    if not cells:
+        return "-"
+    v = values(cells)
+    if len({c.key for c in cells}) == 1 and v:
+        return f"{next(iter(v.values())):.2f} (one subset)"
+    return fmt_row(v)
+
+
 def table_lines(rows, ref, real=None):
     """rows: {name: cells}; each compared with rows[ref] over shared seeds."""
     L = [f"| row | FD (mean ± std, n seeds) | ΔFD vs {ref} [95% CI] | verdict | precision | recall | class accuracy" +
@@ -875,7 +887,7 @@ def table_lines(rows, ref, real=None):
         verdict = "reference" if c is None else word(c) if c["n"] else "-"
         L.append(f"| {name} | {fmt_row(v)} | {'-' if c is None else fmt_pair(c)} | {verdict} | "
                  + " | ".join("-" if np.isnan(e) else f"{e:.3f}" for e in extra) +
-                 (f" | {fmt_row(values(real[name])) if real.get(name) else '-'} |" if real else " |"))
+                 (f" | {fmt_real(real.get(name))} |" if real else " |"))
     return L, comps
 
 

@@ -78,6 +78,33 @@ def test_every_row_has_five_seeds_and_a_seed_sets_training_sampling_draw_scorer_
             assert len(real) == 5 and all(c.deps[0].key.startswith("real-") for c in real)
 
 
+def test_kcenter_and_herding_pick_one_subset_from_the_pixels_that_every_seed_trains_on(tmp_path):
+    rows = study.Rows(plan_of(tmp_path)).selection(60)
+    for name in ("K-Center", "herding"):
+        cells, real = rows[name]
+        sets = {chain(c)[2].key for c in cells}
+        assert len(sets) == 1 and len({c.key for c in real}) == 1
+        select = flags(chain(cells[0])[2].cmd("select_subset.py"))
+        assert "--features" not in select  # select_subset.py's default: the encoded images (pixels here)
+        assert len({chain(c)[1].key for c in cells}) == 5  # yet five trainings
+    assert len({chain(c)[2].key for c in rows["random"][0]}) == 5
+
+
+def test_real_subset_fd_of_a_deterministic_row_is_its_one_subset_and_of_a_random_row_the_mean(tmp_path):
+    class Cell:
+        def __init__(self, key, seed, fd):
+            self.key, self.path = key, str(tmp_path / f"{key}-{seed}.json")
+            with open(self.path, "w") as f:
+                json.dump({"seed": seed, "metrics": {"fd": fd}}, f)
+
+        def done(self):
+            return True
+    one = Cell("kc", 0, 1.734)
+    assert study.fmt_real([one] * 5) == "1.73 (one subset)"
+    drawn = [Cell(f"r{s}", s, fd) for s, fd in enumerate((1.0, 2.0, 3.0))]
+    assert study.fmt_real(drawn).startswith("2.00 ± 1.00 (n=3)")
+
+
 def test_every_row_trains_and_samples_with_the_same_settings(tmp_path):
     R = study.Rows(plan_of(tmp_path))
     cells = [c for cells, _ in R.selection(60).values() for c in cells]
