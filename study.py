@@ -10,8 +10,8 @@ Datasets (--dataset):
                  grayscale, 10 classes, from the official gzip IDX files (--fmnist-dir, default
                  /usr/share/datasets/fashion-mnist: `apt-get install dataset-fashion-mnist` on
                  Debian/Ubuntu; elsewhere github.com/zalandoresearch/fashion-mnist, data/fashion)
-  DIR            your own: --train DIR/train-like class folder and --heldout a folder with the
-                 same class subfolders (pass the train folder as --dataset)
+  DIR            your own: a train class folder (--dataset DIR) and --heldout HELDOUT, a folder
+                 with the same class subfolders
 
 Tables (the positional argument; run them in this order, each one answers something on its own):
   pilot        the full data alone, two seeds, held-out FD against steps: the training length of
@@ -39,7 +39,8 @@ Every piece of work is cached in OUT/cache (--out, default study_out/DATASET) un
 settings and inputs; each evaluated cell is also written to docs/study/cells/DATASET/KEY.json
 (settings, seed, metrics, seconds, commit), small files meant to be committed: a rerun, or a
 later machine with the committed cells, computes only what is missing. --jobs pieces run at once,
-each on cpu_count / jobs threads. Ctrl-C stops every stage where it can resume.
+each on cpu_count / jobs threads. Ctrl-C stops every stage where it can resume. --dry-run lists what
+a table still needs and its time, estimated from what this cache has measured (OUT/cache/times.jsonl).
 
     python study.py pilot --dataset fashion-mnist && python study.py selection --dataset fashion-mnist
 """
@@ -1119,7 +1120,51 @@ def link(args):
     os.replace(tmp, args.out)
 
 
+def estimate(plan, nodes):
+    """{group: (count, seconds or None)} of the nodes still to do, by the times this cache measured:
+    a training by the median seconds per step of the finished trainings of its group (with or
+    without visual alignment, which costs more), any other node by its kind's median; None where
+    nothing alike was measured, and for scorings (their time follows the images scored: the
+    reliability table scores a part of the data)."""
+    import re
+    rates = {}
+    for r in read_times(plan).values():
+        if r["what"] != "node":
+            continue
+        g, m = group_of(r["key"], r["label"]), re.match(r"train (\d+) steps", r["label"])
+        rates.setdefault(g, []).append(r["seconds"] / int(m.group(1)) if g.startswith("run") else r["seconds"])
+    out = {}
+    for n in nodes:
+        g = group_of(n.key, n.label)
+        units = int(n.cmd("train.py")[n.cmd("train.py").index("--max-steps") + 1]) if g.startswith("run") else 1
+        c, sec = out.get(g, (0, 0.0))
+        known = g in rates and g != "scored"
+        out[g] = (c + 1, sec + units * float(np.median(rates[g])) if known and sec is not None else None)
+    return out
+
+
+def group_of(key, label):
+    kind = key.split("-")[0]
+    return kind + (" +vis" if kind == "run" and "+vis" in label else "")
+
+
+def dry_run(plan, table):
+    need = Runner(plan).needed(targets_of(plan, table))
+    est = estimate(plan, need.values())
+    if not need:
+        return print(f"{table}: nothing to do")
+    print(f"{table}: {len(need)} pieces of work to do")
+    for g, (count, sec) in sorted(est.items()):
+        print(f"  {g:10s} x {count:4d}  " + ("not estimated" if sec is None else f"{sec / 3600:6.2f} h"))
+    known = sum(sec for _, sec in est.values() if sec is not None)
+    print(f"about {known / 3600:.1f} h of work ({plan.threads} thread(s) each), {known / 3600 / plan.jobs:.1f} h of "
+          f"wall time at --jobs {plan.jobs}" + (", not counting what is not estimated"
+                                                  if any(s is None for _, s in est.values()) else ""))
+
+
 def run_table(plan, table):
+    if plan.args.dry_run:
+        return dry_run(plan, table)
     if plan.args.dataset == "fashion-mnist" and not plan.folders().done():
         check_fashion_mnist(plan.args.fmnist_dir)  # before any work starts
     prepare(plan)
@@ -1149,6 +1194,7 @@ def get_parser():
     p.add_argument("--cells", default=CELLS, help="where the per-cell results go (committed)")
     p.add_argument("--jobs", type=int, default=2, help="pieces of work at once, each on --threads threads")
     p.add_argument("--threads", type=int, default=None, help="threads of each piece (default cpu_count / jobs)")
+    p.add_argument("--dry-run", action="store_true", help="list what the table still needs and its estimated time")
     p.add_argument("--parent", help=argparse.SUPPRESS)
     p.add_argument("--per-class", type=int, default=None, help=argparse.SUPPRESS)
     return p

@@ -169,6 +169,27 @@ def test_budgets_are_about_one_and_five_percent_of_fashion_mnist():
 
 # ----------------------------------------------------------------------------- statistics
 
+def test_dry_run_estimates_trainings_by_seconds_per_step_and_other_work_by_its_median(tmp_path):
+    plan = plan_of(tmp_path, dataset="digits", steps=40, profile="small")
+    need = study.Runner(plan).needed(study.targets_of(plan, "selection")).values()
+    runs = [n for n in need if n.key.startswith("run-")]
+    samples = [n for n in need if n.key.startswith("samples-")]
+    assert runs and samples and any(n.key.startswith("scored-") for n in need)
+    os.makedirs(plan.cache, exist_ok=True)
+    rec = [("run-a", "train 100 steps seed 0 on x", 50.0), ("run-b", "train 200 steps seed 1 on x", 80.0),
+           ("run-c", "train 100 steps seed 2 on x", 70.0),  # 0.5, 0.4, 0.7 s per step: median 0.5
+           ("samples-a", "sample", 10.0), ("samples-b", "sample", 30.0),  # median 20
+           ("scored-a", "score", 99.0)]
+    with open(os.path.join(plan.cache, "times.jsonl"), "w") as f:
+        for key, label, sec in rec:
+            f.write(json.dumps({"key": key, "what": "node", "label": label, "seconds": sec}) + "\n")
+    est = study.estimate(plan, need)
+    steps = sum(int(flags(n.cmd("train.py"))["--max-steps"]) for n in runs)
+    assert est["run"] == (len(runs), pytest.approx(0.5 * steps))
+    assert est["samples"] == (len(samples), pytest.approx(20.0 * len(samples)))
+    assert est["scored"][1] is None  # the time of a scoring follows how many images it scores
+
+
 def test_paired_interval_is_the_t_interval_of_the_per_seed_differences():
     a = {0: 10.0, 1: 12.0, 2: 11.0, 3: 13.0, 4: 9.0}
     b = {0: 11.0, 1: 14.0, 2: 11.5, 3: 15.0, 4: 10.0, 7: 99.0}  # seed 7 has no partner: left out
