@@ -1065,6 +1065,9 @@ def targets_of(plan, table):
                 continue
             rows = R.selection(ipc)  # the rows the claims compare first, so that partial runs answer them
             first = [r for _, t, a, b in CLAIMS if t == "selection" for r in (b, a)]
+            # the full-data runs score the data for the interval rows; their own cells (a sampling
+            # each) come right after them, so that a machine lost later keeps what they cost
+            first.insert(1, NAMES["full"])
             for name in sorted(rows, key=lambda r: first.index(r) if r in first else len(first)):
                 out += rows[name][0] + rows[name][1]
         out += R.floor()
