@@ -108,6 +108,18 @@ class StageError(RuntimeError):
     """A stage command failed; the message names it and ends with its last log lines."""
 
 
+def key_of(kind, spec):
+    return f"{kind}-{digest({'kind': kind, **spec})}"
+
+
+def copy_atomic(src, dst):
+    """A copy that is either whole or absent."""
+    import shutil
+    from common import atomic_write
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
+
+
 def digest(spec):
     return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
 
@@ -235,7 +247,7 @@ class Plan:
     def node(self, kind, spec, label, path_of, deps, cmds_of=None, call_of=None):
         """The node of (kind, spec), made on first request; spec holds the keys of its inputs, so a
         key names everything a result was made from."""
-        key = f"{kind}-{digest({'kind': kind, **spec})}"
+        key = key_of(kind, spec)
         if key not in self.nodes:
             path = path_of(key)
             self.nodes[key] = Node(key, label, path, deps, cmds_of(path) if cmds_of else (),
@@ -325,10 +337,15 @@ class Plan:
 
     def scored(self, scorer, step, seed, scheme=None, rows=None):
         """A dataset directory that links the parent's files and holds score.py's scores of `scorer`
-        at `step` with scoring seed `seed` (rows: the first `rows` images per class only)."""
+        at `step` with scoring seed `seed` (rows: the first `rows` images per class only). The scores
+        are kept beside the cells as well (cells/scores/KEY.npy and .json, small, committed); where
+        they are, the node is rebuilt from them without its scorer, so that a new machine does not
+        train the full-data models again only to score."""
         parent, scheme = self.parent(), SCORE_ARGS if scheme is None else scheme
         spec = {"parent": parent.key, "scorer": scorer.key, "step": step, "seed": seed, "scheme": list(map(str, scheme)),
                 "rows": rows}
+        kept = os.path.join(self.cells, "scores", key_of("scored", spec))
+        restore = all(os.path.exists(kept + e) for e in (".json", ".npy"))
 
         def cmds(out):
             d = os.path.dirname(out)
@@ -336,8 +353,24 @@ class Plan:
                      (["--per-class", rows] if rows else []), os.path.join(d, "meta.json")),
                     (["score.py", "--data-path", d, "--ckpt", self.ckpt(scorer, step), "--global-seed", seed,
                       "--batch-size", 256, *scheme], None)]
-        return self.node("scored", spec, f"score with {scorer.label} at step {step}, seed {seed}",
-                         lambda k: self.path(k, "scores.npy"), [parent, scorer], cmds)
+
+        def call_of(out):
+            def call():
+                node, d = self.nodes[os.path.basename(os.path.dirname(out))], os.path.dirname(out)
+                (link, meta), (score, _) = node.cmds
+                if not os.path.exists(meta):
+                    self.sh(node, *link)
+                if restore:  # scores.npy, the node's mark of done, last
+                    copy_atomic(kept + ".json", os.path.join(d, "scores.json"))
+                    copy_atomic(kept + ".npy", out)
+                else:
+                    self.sh(node, *score)
+                    copy_atomic(os.path.join(d, "scores.json"), kept + ".json")
+                    copy_atomic(out, kept + ".npy")
+            return call
+        return self.node("scored", spec, f"score with {scorer.label} at step {step}, seed {seed}" +
+                         (" (kept scores)" if restore else ""), lambda k: self.path(k, "scores.npy"),
+                         [parent] if restore else [parent, scorer], cmds, call_of)
 
     def vis_features(self):
         """Tokens of every parent row from the masked autoencoder that stands in for DINOv2."""

@@ -290,3 +290,32 @@ def test_the_runner_evaluates_every_cell_on_the_heldout_split_and_stores_it(user
 def test_a_second_run_computes_nothing(user):
     assert "pieces of work" not in user["runs"]["selection"][1]
     assert "0 pieces computed" in user["runs"]["selection"][1]
+
+
+def test_kept_scores_rebuild_a_scoring_on_a_new_machine_without_training_its_scorer(user):
+    # last in this file: it changes the shared cache
+    import shutil
+    cache, kept = user["root"] / "out" / "cache", user["cells"] / "scores"
+    scored = sorted(p.name for p in cache.iterdir() if p.name.startswith("scored-") and p.is_dir())
+    assert scored and sorted(p.stem for p in kept.glob("*.npy")) == scored
+    before = {k: np.load(cache / k / "scores.npy") for k in scored}
+    for k in scored:
+        assert np.array_equal(np.load(kept / f"{k}.npy"), before[k])
+    # a new machine: the scorings, the trainings and the subsets chosen from the scores are gone
+    for p in cache.iterdir():
+        if p.name.startswith(("scored-", "run-", "set-", "samples-")):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    for c in user["cells"].glob("cell-*.json"):
+        if json.load(open(c))["settings"]["row"].startswith("interval"):
+            c.unlink()
+    base = [sys.executable, "study.py", "selection", "--dataset", str(user["root"] / "train"), "--heldout",
+            str(user["root"] / "heldout"), "--profile", "small", "--out", str(user["root"] / "out"), "--cells",
+            str(user["root"] / "cells"), "--jobs", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    r = subprocess.run(base, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    trained = [line for line in r.stdout.splitlines() if "] train " in line]
+    assert all("full data" not in line and "encode the train split" not in line for line in trained), trained
+    assert r.stdout.count("(kept scores)") >= len(scored)
+    for k in scored:
+        assert np.array_equal(np.load(cache / k / "scores.npy"), before[k])
