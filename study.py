@@ -346,6 +346,10 @@ class Plan:
                 "rows": rows}
         kept = os.path.join(self.cells, "scores", key_of("scored", spec))
         restore = all(os.path.exists(kept + e) for e in (".json", ".npy"))
+        made = self.path(key_of("scored", spec))
+        if not restore and os.path.exists(os.path.join(made, "scores.npy")):  # scored before scores were kept
+            copy_atomic(os.path.join(made, "scores.json"), kept + ".json")
+            copy_atomic(os.path.join(made, "scores.npy"), kept + ".npy")
 
         def cmds(out):
             d = os.path.dirname(out)
