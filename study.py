@@ -37,8 +37,9 @@ paired differences (df = n - 1) excludes 0; otherwise "can't tell".
 
 Every piece of work is cached in OUT/cache (--out, default study_out/DATASET) under a hash of its
 settings and inputs; each evaluated cell is also written to docs/study/cells/DATASET/KEY.json
-(settings, seed, metrics, seconds, commit), small files meant to be committed: a rerun, or a
-later machine with the committed cells, computes only what is missing. --jobs pieces run at once,
+(settings, seed, metrics, seconds, commit) and every scoring to docs/study/cells/DATASET/scores/
+(KEY.npy, KEY.json), small files meant to be committed: a rerun, or a later machine with the
+committed cells, computes only what is missing (kept scores spare it the scorers' training). --jobs pieces run at once,
 each on cpu_count / jobs threads. Ctrl-C stops every stage where it can resume. --dry-run lists what
 a table still needs and its time, estimated from what this cache has measured (OUT/cache/times.jsonl).
 
