@@ -899,6 +899,8 @@ def fmt_row(v):
 
 
 def word(c, lower="lower FD"):
+    if c["n"] == 0:
+        return "not yet measured"
     return {"lower": f"**{lower}**", "higher": "**higher FD**"}.get(c["verdict"], "can't tell")
 
 
