@@ -954,7 +954,8 @@ def report_dataset(plan):
         L += [f"### Selection at IPC {ipc} (~{share} of the data), class label only", ""]
         lines, comps = table_lines({k: v[0] for k, v in sel.items()}, "random", {k: v[1] for k, v in sel.items()})
         iv = values(sel["interval, span 0.7"][0])
-        extra = {f"interval, span 0.7 vs {m}": paired(iv, values(sel[m][0])) for m in ("K-Center", "herding")}
+        extra = {f"interval, span 0.7 vs {m}": paired(iv, values(sel[m][0])) for m in ("K-Center", "herding")
+                 if m in sel}
         L += lines + [""] + [f"- {k}: ΔFD {fmt_pair(c)}: {word(c, 'lower FD for interval')}" for k, c in extra.items()]
         L += ["", f"Comparisons in this table: {len(comps) - 1 + len(extra)} (95% intervals, uncorrected).", ""]
         if i == 0:

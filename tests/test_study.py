@@ -292,6 +292,28 @@ def test_a_second_run_computes_nothing(user):
     assert "0 pieces computed" in user["runs"]["selection"][1]
 
 
+def test_the_report_shows_each_rows_mean_fd_over_its_stored_cells_and_the_paired_claims(user):
+    root = user["root"]
+    args = study.get_parser().parse_args(["report", "--dataset", str(root / "train"), "--heldout", str(root / "heldout"),
+                                          "--profile", "small", "--out", str(root / "out"), "--cells", str(root / "cells")])
+    args.name = "train-small"
+    lines, claims = study.report_dataset(study.Plan(args))
+    fd = {}
+    for f in user["cells"].glob("cell-*.json"):
+        c = json.load(open(f))
+        s = c["settings"]
+        if not s.get("real") and s["row"] in ("random", "interval, span 0.7"):
+            fd.setdefault(s["row"], {})[c["seed"]] = c["metrics"]["fd"]
+    assert set(fd) == {"random", "interval, span 0.7"}
+    for row, v in fd.items():
+        x = np.array(list(v.values()))
+        want = f"| {row} | {x.mean():.2f} ± {x.std(ddof=1):.2f} (n={len(x)}) |"
+        assert any(line.startswith(want) for line in lines), (want, [ln for ln in lines if ln.startswith(f"| {row}")])
+    d = [fd["interval, span 0.7"][s] - fd["random"][s] for s in (0, 1)]
+    assert claims["Select beats random"]["mean"] == pytest.approx(np.mean(d))
+    assert claims["Select beats random"]["n"] == 2
+
+
 def test_kept_scores_rebuild_a_scoring_on_a_new_machine_without_training_its_scorer(user):
     # last in this file: it changes the shared cache
     import shutil
