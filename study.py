@@ -345,9 +345,9 @@ class Plan:
         parent, scheme = self.parent(), SCORE_ARGS if scheme is None else scheme
         spec = {"parent": parent.key, "scorer": scorer.key, "step": step, "seed": seed, "scheme": list(map(str, scheme)),
                 "rows": rows}
-        kept = os.path.join(self.cells, "scores", key_of("scored", spec))
+        key = key_of("scored", spec)
+        kept, made = os.path.join(self.cells, "scores", key), self.path(key)
         restore = all(os.path.exists(kept + e) for e in (".json", ".npy"))
-        made = self.path(key_of("scored", spec))
         if not restore and os.path.exists(os.path.join(made, "scores.npy")):  # scored before scores were kept
             copy_atomic(os.path.join(made, "scores.json"), kept + ".json")
             copy_atomic(os.path.join(made, "scores.npy"), kept + ".npy")
@@ -361,7 +361,7 @@ class Plan:
 
         def call_of(out):
             def call():
-                node, d = self.nodes[os.path.basename(os.path.dirname(out))], os.path.dirname(out)
+                node, d = self.nodes[key], made
                 (link, meta), (score, _) = node.cmds
                 if not os.path.exists(meta):
                     self.sh(node, *link)
