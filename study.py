@@ -1101,6 +1101,7 @@ def targets_of(plan, table):
         return [c for cs in cells.values() for c in cs]
     R, z, out = Rows(plan), plan.z, []
     if table == "selection":
+        out += R.floor()  # cheap, and what every row is read against
         for ipc, _ in z["budgets"]:
             if plan.args.ipcs and ipc not in plan.args.ipcs:
                 continue
@@ -1111,7 +1112,6 @@ def targets_of(plan, table):
             first.insert(1, NAMES["full"])
             for name in sorted(rows, key=lambda r: first.index(r) if r in first else len(first)):
                 out += rows[name][0] + rows[name][1]
-        out += R.floor()
     elif table == "attach":
         out += [c for cells in R.attach(z["budgets"][0][0]).values() for c in cells]
     elif table == "convergence":

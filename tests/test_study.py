@@ -106,15 +106,16 @@ def test_real_subset_fd_of_a_deterministic_row_is_its_one_subset_and_of_a_random
     assert study.fmt_real(drawn).startswith("2.00 ± 1.00 (n=3)")
 
 
-def test_selection_runs_the_compared_rows_first_with_the_full_data_row_before_the_scored_rows(tmp_path):
+def test_selection_runs_the_floor_then_the_compared_rows_with_the_full_data_row_before_the_scored_rows(tmp_path):
     plan = plan_of(tmp_path)
     order = []
     for n in study.targets_of(plan, "selection"):
         row = re.split(r", seed |: real images", n.label)[0]
         if row not in order:
             order.append(row)
-    assert order[:6] == ["random", "full data", "interval, span 0.7", "K-Center", "herding", "interval, span 1.0"]
-    assert set(order[6:]) >= {"min (easiest)", "max (hardest)", "medium"}
+    assert order[:7] == ["real training images", "random", "full data", "interval, span 0.7", "K-Center", "herding",
+                         "interval, span 1.0"]
+    assert set(order[7:]) == {"min (easiest)", "max (hardest)", "medium"}
 
 
 def test_every_row_trains_and_samples_with_the_same_settings(tmp_path):
