@@ -1167,24 +1167,61 @@ def link(args):
 def estimate(plan, nodes):
     """{group: (count, seconds or None)} of the nodes still to do, by the times this cache measured:
     a training by the median seconds per step of the finished trainings of its group (with or
-    without visual alignment, which costs more), any other node by its kind's median; None where
-    nothing alike was measured, and for scorings (their time follows the images scored: the
-    reliability table scores a part of the data)."""
+    without visual alignment, which costs more), a scoring by the median seconds per image-forward
+    of the finished scorings (their kept scores.json say how many), any other node by its kind's
+    median; None where nothing alike was measured or the images to score are not yet known."""
     import re
     rates = {}
     for r in read_times(plan).values():
-        if r["what"] != "node":
+        if r["what"] != "node" or "(kept scores)" in r["label"]:  # a restore copies, it does not score
             continue
-        g, m = group_of(r["key"], r["label"]), re.match(r"train (\d+) steps", r["label"])
-        rates.setdefault(g, []).append(r["seconds"] / int(m.group(1)) if g.startswith("run") else r["seconds"])
+        g = group_of(r["key"], r["label"])
+        if g.startswith("run"):
+            units = int(re.match(r"train (\d+) steps", r["label"]).group(1))
+        elif g == "scored":
+            units = measured_forwards(plan, r["key"])
+        else:
+            units = 1
+        if units:
+            rates.setdefault(g, []).append(r["seconds"] / units)
     out = {}
     for n in nodes:
         g = group_of(n.key, n.label)
-        units = int(n.cmd("train.py")[n.cmd("train.py").index("--max-steps") + 1]) if g.startswith("run") else 1
+        if g.startswith("run"):
+            units = int(n.cmd("train.py")[n.cmd("train.py").index("--max-steps") + 1])
+        else:
+            units = scoring_forwards(plan, n) if g == "scored" else 1
         c, sec = out.get(g, (0, 0.0))
-        known = g in rates and g != "scored"
-        out[g] = (c + 1, sec + units * float(np.median(rates[g])) if known and sec is not None else None)
+        known = g in rates and units is not None and sec is not None
+        out[g] = (c + 1, sec + units * float(np.median(rates[g])) if known else None)
     return out
+
+
+def measured_forwards(plan, key):
+    """Image-forwards of a finished scoring, from its kept scores.json; None when it is not kept."""
+    path = os.path.join(plan.cells, "scores", key + ".json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        s = json.load(f)
+    return s["request"]["count"] * s["forwards_per_image"]
+
+
+def scoring_forwards(plan, node):
+    """Image-forwards a scoring still to do will run: the images it scores (its first --per-class
+    rows of each class, or its parent's count) x score.py's forwards per image; None while the
+    parent is not yet encoded."""
+    import score
+    link = [str(a) for a in node.cmds[0][0]]
+    args = score.get_parser().parse_args([str(a) for a in node.cmd("score.py")[1:]])
+    meta = os.path.join(link[link.index("--parent") + 1], "meta.json")
+    if not os.path.exists(meta):
+        return None
+    with open(meta) as f:
+        count = json.load(f)["count"]
+    if "--per-class" in link:
+        count = min(count, int(link[link.index("--per-class") + 1]) * plan.num_classes)
+    return count * score.forwards_per_image(args)
 
 
 def group_of(key, label):

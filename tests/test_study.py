@@ -182,7 +182,8 @@ def test_budgets_are_about_one_and_five_percent_of_fashion_mnist():
 
 # ----------------------------------------------------------------------------- statistics
 
-def test_dry_run_estimates_trainings_by_seconds_per_step_and_other_work_by_its_median(tmp_path):
+def test_dry_run_estimates_trainings_by_seconds_per_step_scorings_per_image_forward_and_other_work_by_its_median(
+        tmp_path):
     plan = plan_of(tmp_path, dataset="digits", steps=40, profile="small")
     need = study.Runner(plan).needed(study.targets_of(plan, "selection")).values()
     runs = [n for n in need if n.key.startswith("run-")]
@@ -192,15 +193,27 @@ def test_dry_run_estimates_trainings_by_seconds_per_step_and_other_work_by_its_m
     rec = [("run-a", "train 100 steps seed 0 on x", 50.0), ("run-b", "train 200 steps seed 1 on x", 80.0),
            ("run-c", "train 100 steps seed 2 on x", 70.0),  # 0.5, 0.4, 0.7 s per step: median 0.5
            ("samples-a", "sample", 10.0), ("samples-b", "sample", 30.0),  # median 20
-           ("scored-a", "score", 99.0)]
+           ("scored-a", "score", 99.0),  # 100 images x 20 forwards: 0.0495 s per image-forward
+           ("scored-b", "score with x (kept scores)", 1.0)]  # a restore: not a measure of scoring
     with open(os.path.join(plan.cache, "times.jsonl"), "w") as f:
         for key, label, sec in rec:
             f.write(json.dumps({"key": key, "what": "node", "label": label, "seconds": sec}) + "\n")
+    os.makedirs(os.path.join(plan.cells, "scores"), exist_ok=True)
+    for key in ("scored-a", "scored-b"):
+        with open(os.path.join(plan.cells, "scores", key + ".json"), "w") as f:
+            json.dump({"forwards_per_image": 20, "request": {"count": 100}}, f)
+    scorings = [n for n in need if n.key.startswith("scored-")]
+    assert study.estimate(plan, need)["scored"] == (len(scorings), None)  # the images to score not yet known
+    link = [str(a) for a in scorings[0].cmds[0][0]]
+    os.makedirs(link[link.index("--parent") + 1])
+    with open(os.path.join(link[link.index("--parent") + 1], "meta.json"), "w") as f:
+        json.dump({"count": 1437}, f)  # the parent encoded: every scoring of this table scores all of it
     est = study.estimate(plan, need)
     steps = sum(int(flags(n.cmd("train.py"))["--max-steps"]) for n in runs)
     assert est["run"] == (len(runs), pytest.approx(0.5 * steps))
     assert est["samples"] == (len(samples), pytest.approx(20.0 * len(samples)))
-    assert est["scored"][1] is None  # the time of a scoring follows how many images it scores
+    # 1437 images x 20 forwards (10 timesteps, antithetic) x 0.0495 s each
+    assert est["scored"] == (len(scorings), pytest.approx(len(scorings) * 1437 * 20 * 0.0495))
 
 
 def test_paired_interval_is_the_t_interval_of_the_per_seed_differences():
