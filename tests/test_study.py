@@ -162,6 +162,22 @@ def test_attach_rows_share_one_interval_subset_and_differ_only_in_their_flags(tm
         label[0].key == study.Rows(plan_of(tmp_path)).selection(60)["interval, span 0.7"][0][0].key
 
 
+def test_convergence_rows_sample_the_selection_and_attach_tables_runs_at_earlier_checkpoints(tmp_path):
+    R = study.Rows(plan_of(tmp_path))
+    points, conv = R.convergence(60)
+    sel, att = R.selection(60), R.attach(60)
+    same = {"full data": sel["full data"][0], "random (IPC 60)": sel["random"][0],
+            "D2C (IPC 60, interval 0.7 + text + visual)": att["+ text + visual (D2C)"],
+            "select alone (interval 0.7, class label)": sel["interval, span 0.7"][0],
+            "attach alone (random + text + visual)": att["random + text + visual (attach without select)"]}
+    assert set(conv) == set(same)
+    for name, per in conv.items():
+        assert [c.key for c in per[-1]] == [c.key for c in same[name]]  # the last point is the table's own cell
+        for cells in per[:-1]:  # an earlier point: the same run, another checkpoint
+            assert [chain(c)[1].key for c in cells] == [chain(c)[1].key for c in same[name]]
+            assert all(c.key not in {x.key for x in same[name]} for c in cells)
+
+
 @pytest.mark.parametrize("steps", [375, 400, 3000, 7])
 def test_every_convergence_point_is_a_checkpoint_that_train_py_writes(tmp_path, steps):
     R = study.Rows(plan_of(tmp_path, steps=steps))
