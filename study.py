@@ -868,7 +868,8 @@ comparable across budgets); the real-data floor is an equal-size sample of real 
 K-Center and herding run on the pixels (the encoded images) and have no random part: one subset serves
 every seed, so their seeds vary training and sampling only, and their real subset FD is that subset's.
 Comparisons are paired over the seeds two rows share: the mean difference of FD with its 95% t interval
-(df = n - 1); a difference is called only when the interval excludes 0, otherwise "can't tell". Steps
+(df = n - 1); a difference is called only when the interval excludes 0, otherwise "can't tell", and
+only over at least 5 shared seeds (a table still running shows its comparisons as "not judged yet"). Steps
 come from the pilot (the first checkpoint whose mean held-out FD is within 10% of the pilot's best);
 budgets, spans and the compared rows are fixed in study.py's PROFILES before any table runs. The intervals
 are per comparison, not corrected for the number of comparisons a table makes (stated under each
@@ -904,9 +905,14 @@ def fmt_row(v):
     return "not yet measured" if not s["n"] else f"{s['mean']:.2f} ± {s['std']:.2f} (n={s['n']})"
 
 
+JUDGE_SEEDS = 5  # the protocol's minimum: a comparison over fewer shared seeds is shown, not judged
+
+
 def word(c, lower="lower FD"):
     if c["n"] == 0:
         return "not yet measured"
+    if c["n"] < JUDGE_SEEDS:
+        return f"not judged yet (n < {JUDGE_SEEDS})"
     return {"lower": f"**{lower}**", "higher": "**higher FD**"}.get(c["verdict"], "can't tell")
 
 
@@ -1083,12 +1089,14 @@ def report(plan):
         cells = []
         for name in verdicts:
             c = verdicts[name].get(claim)
-            cells.append("not yet measured" if not c or c["n"] < 2 else
-                         f"{'holds' if c['verdict'] == 'lower' else 'does not hold' if c['verdict'] == 'higher' else 'can' + chr(39) + 't tell'}: "
-                         f"ΔFD {fmt_pair(c)}")
+            if not c or c["n"] < 2:
+                cells.append("not yet measured")
+                continue
+            v = {"lower": "holds", "higher": "does not hold"}.get(c["verdict"], "can't tell")
+            cells.append(f"{v if c['n'] >= JUDGE_SEEDS else 'not judged yet'}: ΔFD {fmt_pair(c)}")
         V.append(f"| {claim} | " + " | ".join(cells) + " |")
     L[4:4] = ["## Verdict", "", "ΔFD = FD(claimed better row) - FD(other row), paired over seeds, 95% t interval; "
-              "\"holds\" when the interval lies below 0.", ""] + V + [""]
+              f"\"holds\" when the interval lies below 0; judged only over at least {JUDGE_SEEDS} seeds.", ""] + V + [""]
     os.makedirs(os.path.join(ROOT, "docs"), exist_ok=True)
     atomic_save("\n".join(L) + "\n", os.path.join(ROOT, "docs", "study.md"), "text")
     readme = os.path.join(ROOT, "README.md")

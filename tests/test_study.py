@@ -232,6 +232,14 @@ def test_dry_run_estimates_trainings_by_seconds_per_step_scorings_per_image_forw
     assert est["scored"] == (len(scorings), pytest.approx(len(scorings) * 1437 * 20 * 0.0495))
 
 
+def test_a_difference_is_judged_only_over_five_shared_seeds():
+    a = {s: 1.0 + 0.01 * s for s in range(5)}
+    b = {s: 2.0 for s in range(5)}  # a is lower by ~1 on every seed: the interval excludes 0 from n = 2 on
+    two = study.paired({s: a[s] for s in (0, 1)}, b)
+    assert two["verdict"] == "lower" and study.word(two) == "not judged yet (n < 5)"
+    assert study.word(study.paired(a, b)) == "**lower FD**"
+
+
 def test_paired_interval_is_the_t_interval_of_the_per_seed_differences():
     a = {0: 10.0, 1: 12.0, 2: 11.0, 3: 13.0, 4: 9.0}
     b = {0: 11.0, 1: 14.0, 2: 11.5, 3: 15.0, 4: 10.0, 7: 99.0}  # seed 7 has no partner: left out
