@@ -1060,7 +1060,7 @@ def scorer_agreement(plan, sc):
     if merged.get("1.0 pairs"):
         v = list(merged["1.0 pairs"].values())
         L.append(f"- 100% scorers of different training seeds against each other: within-class Spearman "
-                 f"{np.mean(v):.3f} (mean over {len(v)} pairs; min {min(v):.3f})")
+                 f"{np.mean(v):.3f} (mean over {len(v)} pair{'s' * (len(v) != 1)}; min {min(v):.3f})")
     return L
 
 
