@@ -41,7 +41,8 @@ settings and inputs; each evaluated cell is also written to docs/study/cells/DAT
 (KEY.npy, KEY.json), small files meant to be committed: a rerun, or a later machine with the
 committed cells, computes only what is missing (kept scores spare it the scorers' training). --jobs pieces run at once,
 each on cpu_count / jobs threads. Ctrl-C stops every stage where it can resume. --dry-run lists what
-a table still needs and its time, estimated from what this cache has measured (OUT/cache/times.jsonl).
+a table still needs and its time, estimated from what this cache has measured (OUT/cache/times.jsonl)
+or, on a new machine, from the seconds the committed cells record.
 
     python study.py pilot --dataset fashion-mnist && python study.py selection --dataset fashion-mnist
 """
@@ -474,7 +475,7 @@ class Plan:
         times, seconds = read_times(self), {}
         for n in self.chain(npz):
             kind, t = n.key.split("-")[0], times.get((n.key, "node"))
-            if t and kind in ("run", "samples", "scored", "set", "vis"):
+            if t and kind in ("run", "samples", "scored", "set", "vis") and "(kept scores)" not in t["label"]:
                 seconds[kind] = round(seconds.get(kind, 0) + t["seconds"], 1)
         os.makedirs(os.path.dirname(out), exist_ok=True)
         atomic_save({"key": os.path.basename(out)[:-5], "label": label, "seed": seed, "settings": spec,
@@ -1187,7 +1188,9 @@ def estimate(plan, nodes):
     a training by the median seconds per step of the finished trainings of its group (with or
     without visual alignment, which costs more), a scoring by the median seconds per image-forward
     of the finished scorings (their kept scores.json say how many), any other node by its kind's
-    median; None where nothing alike was measured or the images to score are not yet known."""
+    median; on a new machine, where the cache measured nothing alike, trainings, samplings and
+    subsets by what the committed cells say they cost; None where nothing alike was measured or
+    the images to score are not yet known."""
     import re
     rates = {}
     for r in read_times(plan).values():
@@ -1202,6 +1205,8 @@ def estimate(plan, nodes):
             units = 1
         if units:
             rates.setdefault(g, []).append(r["seconds"] / units)
+    for g, r in cell_rates(plan).items():  # a new machine: what the committed cells say they cost
+        rates.setdefault(g, r)
     out = {}
     for n in nodes:
         g = group_of(n.key, n.label)
@@ -1213,6 +1218,27 @@ def estimate(plan, nodes):
         known = g in rates and units is not None and sec is not None
         out[g] = (c + 1, sec + units * float(np.median(rates[g])) if known else None)
     return out
+
+
+def cell_rates(plan):
+    """{group: [seconds per unit]} from the committed cells' seconds: trainings per step (with or
+    without visual alignment), samplings and subsets per node. Several cells share one training
+    (its checkpoints); the median does not mind."""
+    rates = {}
+    if not os.path.isdir(plan.cells):
+        return rates
+    for e in os.scandir(plan.cells):
+        if not e.name.endswith(".json") or e.name == "dataset.json":
+            continue
+        with open(e.path) as f:
+            c = json.load(f)
+        sec, spec = c.get("seconds") or {}, c.get("settings", {})
+        if "run" in sec and spec.get("steps"):
+            rates.setdefault("run +vis" if spec.get("vis") else "run", []).append(sec["run"] / spec["steps"])
+        for g in ("samples", "set"):
+            if g in sec:
+                rates.setdefault(g, []).append(sec[g])
+    return rates
 
 
 def measured_forwards(plan, key):

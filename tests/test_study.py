@@ -232,6 +232,30 @@ def test_dry_run_estimates_trainings_by_seconds_per_step_scorings_per_image_forw
     assert est["scored"] == (len(scorings), pytest.approx(len(scorings) * 1437 * 20 * 0.0495))
 
 
+def test_dry_run_on_a_new_machine_estimates_trainings_and_samplings_from_the_committed_cells(tmp_path):
+    plan = plan_of(tmp_path, dataset="digits", steps=40, profile="small")
+    need = study.Runner(plan).needed(study.targets_of(plan, "selection")).values()
+    runs = [n for n in need if n.key.startswith("run-")]
+    samples = [n for n in need if n.key.startswith("samples-")]
+    assert study.estimate(plan, need)["run"] == (len(runs), None)  # no cache, no cells: nothing to go by
+    os.makedirs(plan.cells)
+    cells = [({"run": 300.0, "samples": 12.0}, {"steps": 1000}),  # 0.3 s per step
+             ({"run": 500.0, "samples": 20.0}, {"steps": 1000}),  # 0.5
+             ({"run": 400.0, "samples": 16.0}, {"steps": 1000}),  # 0.4: median 0.4 s per step, 16 s a sampling
+             ({"run": 9000.0}, {"steps": 1000, "vis": True})]  # visual alignment: its own group
+    for i, (sec, spec) in enumerate(cells):
+        with open(os.path.join(plan.cells, f"cell-{i}.json"), "w") as f:
+            json.dump({"seconds": sec, "settings": spec}, f)
+    est = study.estimate(plan, need)
+    steps = sum(int(flags(n.cmd("train.py"))["--max-steps"]) for n in runs)
+    assert est["run"] == (len(runs), pytest.approx(0.4 * steps))
+    assert est["samples"] == (len(samples), pytest.approx(16.0 * len(samples)))
+    os.makedirs(plan.cache)
+    with open(os.path.join(plan.cache, "times.jsonl"), "w") as f:  # this machine's own measure comes first
+        f.write(json.dumps({"key": "run-a", "what": "node", "label": "train 100 steps seed 0", "seconds": 10.0}) + "\n")
+    assert study.estimate(plan, need)["run"] == (len(runs), pytest.approx(0.1 * steps))
+
+
 def test_a_difference_is_judged_only_over_five_shared_seeds():
     a = {s: 1.0 + 0.01 * s for s in range(5)}
     b = {s: 2.0 for s in range(5)}  # a is lower by ~1 on every seed: the interval excludes 0 from n = 2 on
