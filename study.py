@@ -83,7 +83,7 @@ PROFILES = {
         image_size=8, model="SiT-T/4", batch=16, lr=1e-3, ema=0.5, pilot_steps=8, pilot_points=2,
         samples=20, sampler="euler", sample_steps=2, cfg=1.5, seeds=(0, 1), budgets=((3, "~20%"),),
         spans=(0.7,), methods=("random",), prompt="a picture of {}", names=None, vis_epochs=1, classifier_epochs=1,
-        convergence_points=2, reliability_subset=None),
+        convergence_points=1, reliability_subset=None),  # 1: a few-step run's earlier EMA is mostly its init
 }
 # score.py's estimator (its defaults) and the schemes the reliability table compares
 SCORE_ARGS = ["--num-timesteps", 10, "--draws", "shared", "--antithetic"]
@@ -1130,9 +1130,11 @@ def targets_of(plan, table):
             # each) come right after them, so that a machine lost later keeps what they cost
             first.insert(1, NAMES["full"])
             for name in sorted(rows, key=lambda r: first.index(r) if r in first else len(first)):
-                out += rows[name][0] + rows[name][1]
+                if name in first or not plan.args.claims_only:
+                    out += rows[name][0] + rows[name][1]
+        out = with_checkpoints(plan, out)
     elif table == "attach":
-        out += [c for cells in R.attach(z["budgets"][0][0]).values() for c in cells]
+        out += with_checkpoints(plan, [c for cells in R.attach(z["budgets"][0][0]).values() for c in cells])
     elif table == "convergence":
         out += [c for per in R.convergence(z["budgets"][0][0])[1].values() for cells in per for c in cells]
     elif table == "scorer":
@@ -1141,6 +1143,19 @@ def targets_of(plan, table):
     elif table == "reliability":
         out += list(R.reliability().values())
     return out
+
+
+def with_checkpoints(plan, cells):
+    """Each cell followed by the convergence table's cells of the same training (samplings of its
+    earlier checkpoints, minutes against the training's half hour): taken while the cache holds the
+    run, so that a machine lost before the convergence table runs does not have to train it again."""
+    def run_of(cell):
+        npz = cell.deps[0]
+        return npz.deps[0].key if npz.key.startswith("samples-") else None
+    later = {}
+    for c in targets_of(plan, "convergence"):
+        later.setdefault(run_of(c), []).append(c)
+    return [x for c in cells for x in [c] + [e for e in later.pop(run_of(c), []) if e.key != c.key]]
 
 
 def prepare(plan):
@@ -1315,6 +1330,8 @@ def get_parser():
     p.add_argument("--steps", type=int, default=None, help="training steps instead of the pilot's choice")
     p.add_argument("--ipcs", type=int, nargs="+", default=None,
                    help="selection: run only these budgets (images per class) of the profile's, e.g. the smallest first")
+    p.add_argument("--claims-only", action="store_true",
+                   help="selection: only the rows that a claim compares (and full data); the others on a later run")
     p.add_argument("--out", default=None, help="cache folder (default study_out/NAME)")
     p.add_argument("--cells", default=CELLS, help="where the per-cell results go (committed)")
     p.add_argument("--jobs", type=int, default=2, help="pieces of work at once, each on --threads threads")

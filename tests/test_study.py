@@ -118,6 +118,39 @@ def test_selection_runs_the_floor_then_the_compared_rows_with_the_full_data_row_
     assert set(order[7:]) == {"min (easiest)", "max (hardest)", "medium"}
 
 
+def test_selection_with_claims_only_runs_the_rows_a_claim_compares_and_leaves_the_others(tmp_path):
+    rows = {re.split(r", seed |: real images", n.label)[0] for n in study.targets_of(plan_of(tmp_path, claims_only=True),
+                                                                                  "selection")}
+    assert rows == {"real training images", "random", "full data", "interval, span 0.7", "K-Center", "herding",
+                    "interval, span 1.0"}
+
+
+@pytest.mark.parametrize("table", ["selection", "attach"])
+def test_a_trainings_earlier_checkpoints_are_sampled_right_after_its_own_cell(tmp_path, table):
+    plan = plan_of(tmp_path, steps=3000)  # 4 points: checkpoints at 750, 1500, 2250 and 3000
+    nodes = study.targets_of(plan, table)
+
+    def ckpt(n):  # the checkpoint a cell samples, or None for a real-image cell
+        npz = n.deps[0]
+        return flags(npz.cmd("sample.py"))["--ckpt"] if npz.key.startswith("samples-") else None
+
+    conv = {chain(c)[1].key for c in study.targets_of(plan, "convergence")}
+    followed, seen = [], set()
+    for i, n in enumerate(nodes):
+        if n.key in seen:  # the full-data row of the second budget: its training is the first's
+            continue
+        seen.add(n.key)
+        if ckpt(n) and ckpt(n).endswith("0003000.pt") and chain(n)[1].key in conv:
+            run_dir = os.path.dirname(chain(n)[1].path)
+            assert [ckpt(a) for a in nodes[i + 1:i + 4]] == [os.path.join(run_dir, f"{s:07d}.pt")
+                                                             for s in (750, 1500, 2250)]
+            followed.append(n)
+    earlier = [n for n in nodes if ckpt(n) and not ckpt(n).endswith("0003000.pt")]
+    assert len(earlier) == 3 * len(followed)  # no earlier checkpoint anywhere else
+    # selection: full data, random, interval 0.7; attach: interval 0.7, D2C, random + both, random
+    assert len(followed) == (15 if table == "selection" else 20)
+
+
 def test_every_row_trains_and_samples_with_the_same_settings(tmp_path):
     R = study.Rows(plan_of(tmp_path))
     cells = [c for cells, _ in R.selection(60).values() for c in cells]
