@@ -19,9 +19,12 @@ Tables (the positional argument; run them in this order, each one answers someth
   reliability  score.py's ranking reliability: split-half and test-retest Spearman of scoring
                schemes, for scorers trained 10%, 25% and 100% of the pilot's steps
   selection    at each budget: full data, random, min, max, medium, K-Center, herding, interval
-               at span 0.7 (the paper's) and 1.0; class label only
+               at span 0.7 (the paper's) and 1.0; class label only (--claims-only: the rows a
+               claim compares; the rest on a later run)
   attach       the interval subset with class label / + text / + visual / + both, and random +
                both ("attach without select")
+               (selection and attach also sample each convergence run's earlier checkpoints
+               right after its training: the convergence table then trains nothing again)
   convergence  held-out FD against steps for full data, random and D2C
   scorer       interval subsets selected by scorers trained 10%, 25%, 100% of the steps
   report       nothing computed: docs/study.md and the verdict table from the stored cells
