@@ -1,7 +1,7 @@
 """
 The glue of the offline demo (demo.sh): scikit-learn's handwritten digits as an image folder, and
 the evaluation of what each trained model samples, and the visual encoder that stands in for
-DINOv2. The stages themselves run as command lines in demo.sh and demo_tables.py; nothing here
+DINOv2. The stages themselves run as command lines in demo.sh (and study.py); nothing here
 trains or samples a diffusion model.
 
 export    writes DIGITS/<class>/<row>.png: the 1797 8x8 grayscale digits of

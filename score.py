@@ -31,7 +31,7 @@ The score of image i (latent x, label c) over K = T x R draws (t_k, eps_k), R no
   --antithetic adds -eps for every eps.
 The draws are random but the score estimates an expectation, so the ranking of images is only as
 good as the estimator: a score is E_{t,eps} of the loss, and what separates two images is their
-content, not their draws. Default (measured: README, "How reliable is the score"): --draws
+content, not their draws. Default (measured: docs/stages.md, "How reliable is the score"): --draws
 shared, the same (t, eps) set for every image (common random numbers: two images differ only by
 their content), with antithetic pairs (eps, -eps), which cancel the loss's term linear in eps, the
 one that varies between images; 10 timesteps, 20 forwards per image. --draws item gives every
