@@ -906,7 +906,9 @@ def fmt_pair(c):
 
 def fmt_row(v):
     s = summary(v.values())
-    return "not yet measured" if not s["n"] else f"{s['mean']:.2f} ± {s['std']:.2f} (n={s['n']})"
+    if not s["n"]:
+        return "not yet measured"
+    return f"{s['mean']:.2f} (n=1)" if s["n"] == 1 else f"{s['mean']:.2f} ± {s['std']:.2f} (n={s['n']})"
 
 
 JUDGE_SEEDS = 5  # the protocol's minimum: a comparison over fewer shared seeds is shown, not judged

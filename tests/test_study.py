@@ -106,6 +106,12 @@ def test_real_subset_fd_of_a_deterministic_row_is_its_one_subset_and_of_a_random
     assert study.fmt_real(drawn).startswith("2.00 ± 1.00 (n=3)")
 
 
+def test_a_row_shows_mean_and_sample_std_and_one_seed_without_a_spread():
+    assert study.fmt_row({0: 1.0, 1: 3.0}) == "2.00 ± 1.41 (n=2)"  # std with ddof 1: sqrt(2)
+    assert study.fmt_row({3: 2.75}) == "2.75 (n=1)"
+    assert study.fmt_row({}) == "not yet measured"
+
+
 def test_selection_runs_the_floor_then_the_compared_rows_with_the_full_data_row_before_the_scored_rows(tmp_path):
     plan = plan_of(tmp_path)
     order = []
