@@ -1003,7 +1003,10 @@ def report_dataset(plan):
                                 ("D2C", "random", "full data", "select alone", "attach alone"))
     L += ["", "The select-alone and attach-alone rows were added after the table first ran (samplings of the "
               "selection and attach tables' runs at the same checkpoints): they split D2C's gain over random into "
-              "the selection's share and the attachments'.", ""]
+              "the selection's share and the attachments'. A row's points of one seed are one training's "
+              "checkpoints where one machine held it until they were sampled; where that machine was lost, the "
+              "earlier points come from a retraining with the same seed and settings (the same run on the same "
+              "kind of CPU; on another, float rounding can make it an equivalent run rather than the same).", ""]
     for j, p in enumerate(csteps):
         a, b = paired(values(d2c[j]), values(rnd[j])), paired(values(d2c[j]), values(full[j]))
         c, d = paired(values(sel[j]), values(rnd[j])), paired(values(att[j]), values(rnd[j]))
