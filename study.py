@@ -1156,14 +1156,22 @@ def targets_of(plan, table):
 def with_checkpoints(plan, cells):
     """Each cell followed by the convergence table's cells of the same training (samplings of its
     earlier checkpoints, minutes against the training's half hour): taken while the cache holds the
-    run, so that a machine lost before the convergence table runs does not have to train it again."""
+    run, so that a machine lost before the convergence table runs does not have to train it again.
+    A cell measured on a machine whose cache is gone leaves them to the convergence table: there they
+    cost a retraining, and this table's own rows come first."""
     def run_of(cell):
         npz = cell.deps[0]
-        return npz.deps[0].key if npz.key.startswith("samples-") else None
+        return npz.deps[0] if npz.key.startswith("samples-") else None
     later = {}
     for c in targets_of(plan, "convergence"):
-        later.setdefault(run_of(c), []).append(c)
-    return [x for c in cells for x in [c] + [e for e in later.pop(run_of(c), []) if e.key != c.key]]
+        later.setdefault(getattr(run_of(c), "key", None), []).append(c)
+
+    def follow(c):
+        run = run_of(c)
+        if run is None or (c.done() and not run.done()):
+            return []
+        return [e for e in later.pop(run.key, []) if e.key != c.key]
+    return [x for c in cells for x in [c] + follow(c)]
 
 
 def prepare(plan):

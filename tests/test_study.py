@@ -157,6 +157,27 @@ def test_a_trainings_earlier_checkpoints_are_sampled_right_after_its_own_cell(tm
     assert len(followed) == (15 if table == "selection" else 20)
 
 
+def test_a_cell_measured_on_a_lost_cache_leaves_its_earlier_checkpoints_to_the_convergence_table(tmp_path):
+    plan = plan_of(tmp_path, steps=3000)
+    before = study.targets_of(plan, "selection")
+    random0 = study.Rows(plan).selection(60)["random"][0][0]  # seed 0: its run is shared with convergence
+    run_dir = os.path.dirname(chain(random0)[1].path)
+    earlier = [os.path.join(run_dir, f"{s:07d}.pt") for s in (750, 1500, 2250)]
+
+    def ckpts(nodes):
+        return [flags(n.deps[0].cmd("sample.py"))["--ckpt"] for n in nodes if n.deps[0].key.startswith("samples-")]
+    assert set(earlier) <= set(ckpts(before))
+    os.makedirs(os.path.dirname(random0.path), exist_ok=True)
+    open(random0.path, "w").write("{}")  # measured; the run's checkpoints are not in this cache
+    after = study.targets_of(plan, "selection")
+    assert not set(earlier) & set(ckpts(after))
+    assert len(after) == len(before) - 3  # nothing else moved
+    assert set(earlier) <= set(ckpts(study.targets_of(plan, "convergence")))
+    os.makedirs(os.path.dirname(chain(random0)[1].path), exist_ok=True)
+    open(chain(random0)[1].path, "w").write("")  # the run is back in the cache: sampled with the row again
+    assert set(earlier) <= set(ckpts(study.targets_of(plan, "selection")))
+
+
 def test_every_row_trains_and_samples_with_the_same_settings(tmp_path):
     R = study.Rows(plan_of(tmp_path))
     cells = [c for cells, _ in R.selection(60).values() for c in cells]
