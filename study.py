@@ -24,7 +24,8 @@ Tables (the positional argument; run them in this order, each one answers someth
   attach       the interval subset with class label / + text / + visual / + both, and random +
                both ("attach without select")
                (selection and attach also sample each convergence run's earlier checkpoints
-               right after its training: the convergence table then trains nothing again)
+               right after its training: the convergence table then trains nothing again;
+               a run measured on a machine since lost is left to the convergence table)
   convergence  held-out FD against steps for full data, random and D2C
   scorer       interval subsets selected by scorers trained 10%, 25%, 100% of the steps
   report       nothing computed: docs/study.md and the verdict table from the stored cells
