@@ -1165,7 +1165,7 @@ def with_checkpoints(plan, cells):
         return npz.deps[0] if npz.key.startswith("samples-") else None
     later = {}
     for c in targets_of(plan, "convergence"):
-        later.setdefault(getattr(run_of(c), "key", None), []).append(c)
+        later.setdefault(run_of(c).key, []).append(c)  # convergence cells all sample a run
 
     def follow(c):
         run = run_of(c)
