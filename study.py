@@ -897,12 +897,20 @@ CLAIMS = (
 )
 
 
+def fmt_bound(x):
+    """An interval bound at two decimals, or more where two would print +0.00 and hide its side of 0."""
+    digits = 2
+    while round(x, digits) == 0 and x != 0 and digits < 4:
+        digits += 1
+    return f"{x:+.{digits}f}"
+
+
 def fmt_pair(c):
     if c["n"] == 0:
         return "-"
     if c["n"] < 2:
         return f"{c['mean']:+.2f} (n={c['n']})"
-    return f"{c['mean']:+.2f} [{c['lo']:+.2f}, {c['hi']:+.2f}] (n={c['n']})"
+    return f"{c['mean']:+.2f} [{fmt_bound(c['lo'])}, {fmt_bound(c['hi'])}] (n={c['n']})"
 
 
 def fmt_row(v):

@@ -338,6 +338,13 @@ def test_paired_interval_is_the_t_interval_of_the_per_seed_differences():
     assert study.paired({0: 1.0}, {0: 2.0})["verdict"] == "can't tell"
 
 
+
+def test_an_interval_bound_near_zero_is_printed_with_the_digit_that_shows_its_side_of_zero():
+    c = {"n": 5, "mean": -0.0398, "lo": -0.0840, "hi": 0.0044}  # can't tell: the interval holds 0
+    assert study.fmt_pair(c) == "-0.04 [-0.08, +0.004] (n=5)"
+    assert study.fmt_pair({**c, "hi": -0.0044}) == "-0.04 [-0.08, -0.004] (n=5)"
+    assert study.fmt_pair({**c, "lo": -1.234, "hi": 0.5}) == "-0.04 [-1.23, +0.50] (n=5)"
+
 # ----------------------------------------------------------------------------- Fashion-MNIST
 
 def write_idx(path, arr):
