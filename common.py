@@ -805,7 +805,9 @@ def load_model(ckpt_path, model_name=None, use_ema=True, device="cpu", time_conv
     their network. Returns (model in eval mode, info) with info = {"model": name, "objective":
     "ddpm"|"sit", "reverse_time": bool, "meta": dict|None, "config": kwargs}. The network is not
     wrapped: diffusion.ReverseTime adapts reverse time. info["ema"]: ema_of_checkpoint for our
-    checkpoints, else None.
+    checkpoints, else None. REPA projectors are loaded (the file must fit) and then dropped: they
+    serve the training loss alone, and sampling or scoring would run them for nothing (with
+    alignment they cost about as much as the rest of a tiny network).
     """
     import models
     from diffusion import objective_of
@@ -833,6 +835,7 @@ def load_model(ckpt_path, model_name=None, use_ema=True, device="cpu", time_conv
     except RuntimeError as e:
         first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
         die(f"--ckpt {ckpt_path} does not fit {name} ({first}); pass the --model it was trained as")
+    model.projectors = torch.nn.ModuleList()  # forward then returns the prediction alone
     info = dict(model=name, objective=objective_of(name), reverse_time=reverse, meta=meta, config=cfg,
                 ema=ema_of_checkpoint(ckpt) if isinstance(ckpt, dict) and "config" in ckpt else None)
     return model.to(device).eval().requires_grad_(False), info

@@ -176,11 +176,10 @@ def halves_of(losses, num_timesteps):
 
 def load_scorer(ckpt, model_name, device, time_conv="auto"):
     """(network ready for the loss, info of common.load_model): EMA weights, eval mode (no label
-    dropout), REPA projectors dropped, official SiT checkpoints wrapped in ReverseTime."""
+    dropout), REPA projectors dropped (by load_model), official SiT checkpoints wrapped in ReverseTime."""
     model, info = load_model(ckpt, model_name, use_ema=True, device=device, time_conv=time_conv)
     if model_name and model_name != info["model"]:
         die(f"--model {model_name} but --ckpt {ckpt} holds a {info['model']} (stored in the checkpoint): drop --model")
-    model.projectors = torch.nn.ModuleList()  # forward then returns the prediction alone
     info["in_shape"] = (model.in_channels, *(2 * [int(round(model.pos_embed.shape[1] ** 0.5)) * model.patch_size]))
     info["num_classes"] = model.num_classes
     return (ReverseTime(model) if info["reverse_time"] else model), info

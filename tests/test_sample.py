@@ -407,6 +407,33 @@ def test_a_grayscale_dataset_through_a_vae_comes_back_as_the_luma_of_the_decoded
     assert sample.to_uint8(torch.zeros(2, 4, 1, 1), vae, 0.18215).shape == (2, 4, 4, 3)
 
 
+def test_a_checkpoint_trained_with_alignment_samples_without_computing_its_projectors(tmp_path):
+    # train.py with vis.npy saves REPA projectors; they serve the loss alone
+    from torch.utils.flop_counter import FlopCounterMode
+    from common import load_model
+    kw = dict(input_size=8, in_channels=3, num_classes=4, learn_sigma=False)
+    torch.manual_seed(0)
+    full = models.DiT_models["SiT-T/4"](**kw, z_dims=[16], projector_dim=64, encoder_depth=2).eval()
+    with torch.no_grad():
+        for p in full.parameters():
+            p.normal_(0, 0.05)
+    sd = full.state_dict()
+    path = tmp_path / "aligned.pt"
+    torch.save({"config": {"model": "SiT-T/4", "kwargs": {**kw, "z_dims": [16], "projector_dim": 64,
+                                                          "encoder_depth": 2}},
+                "model": sd, "ema": sd, "meta": {"vae": "none", "num_classes": 4}}, path)
+    net, _ = load_model(str(path))
+    x, t, y = torch.randn(5, 3, 8, 8), torch.rand(5), torch.arange(5) % 4
+    f, g = D.guided_model(net, y, cfg_scale=2.0), D.guided_model(full, y, cfg_scale=2.0)
+    torch.testing.assert_close(f(x, t, 0.5), g(x, t, 0.5), rtol=0, atol=0)
+    bare = models.DiT_models["SiT-T/4"](**kw).eval()  # the same network without projectors
+    counts = []
+    for m in (net, full, bare):
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            m(x, t, y)
+        counts.append(fc.get_total_flops())
+    assert counts[0] == counts[2] < counts[1]
+
 def test_class_balanced_labels_give_each_class_exactly_its_share():
     sys.path.insert(0, ROOT)
     import sample
