@@ -276,9 +276,10 @@ def cli(*args, nproc=1, check=True):
     return p
 
 
-def tiny_checkpoint(path, name="SiT-S/8", input_size=8, saved_input_size=None):
-    """Our train.py layout, random weights (the real init makes the output 0), pixel space."""
-    kw = dict(input_size=input_size, in_channels=3, num_classes=4, learn_sigma=name.startswith("DiT"))
+def tiny_checkpoint(path, name="SiT-S/8", input_size=8, saved_input_size=None, **extra):
+    """Our train.py layout, random weights (the real init makes the output 0), pixel space; extra:
+    more constructor kwargs (z_dims etc.)."""
+    kw = dict(input_size=input_size, in_channels=3, num_classes=4, learn_sigma=name.startswith("DiT"), **extra)
     torch.manual_seed(0)
     net = models.DiT_models[name](**{**kw, "input_size": saved_input_size or input_size})
     with torch.no_grad():
@@ -412,17 +413,11 @@ def test_a_checkpoint_trained_with_alignment_samples_without_computing_its_proje
     from torch.utils.flop_counter import FlopCounterMode
     from common import load_model
     kw = dict(input_size=8, in_channels=3, num_classes=4, learn_sigma=False)
-    torch.manual_seed(0)
-    full = models.DiT_models["SiT-T/4"](**kw, z_dims=[16], projector_dim=64, encoder_depth=2).eval()
-    with torch.no_grad():
-        for p in full.parameters():
-            p.normal_(0, 0.05)
-    sd = full.state_dict()
-    path = tmp_path / "aligned.pt"
-    torch.save({"config": {"model": "SiT-T/4", "kwargs": {**kw, "z_dims": [16], "projector_dim": 64,
-                                                          "encoder_depth": 2}},
-                "model": sd, "ema": sd, "meta": {"vae": "none", "num_classes": 4}}, path)
-    net, _ = load_model(str(path))
+    aligned = dict(z_dims=[16], projector_dim=64, encoder_depth=2)
+    path = tiny_checkpoint(tmp_path / "aligned.pt", "SiT-T/4", **aligned)
+    full = models.DiT_models["SiT-T/4"](**kw, **aligned).eval()
+    full.load_state_dict(torch.load(path)["ema"])
+    net, _ = load_model(path)
     x, t, y = torch.randn(5, 3, 8, 8), torch.rand(5), torch.arange(5) % 4
     f, g = D.guided_model(net, y, cfg_scale=2.0), D.guided_model(full, y, cfg_scale=2.0)
     torch.testing.assert_close(f(x, t, 0.5), g(x, t, 0.5), rtol=0, atol=0)
