@@ -931,6 +931,14 @@ def word(c, lower="lower FD"):
     return {"lower": f"**{lower}**", "higher": "**higher FD**"}.get(c["verdict"], "can't tell")
 
 
+def verdict_cell(c):
+    """A claim's cell in the verdict table: its verdict once judged, its paired difference from one seed on."""
+    if not c or c["n"] == 0:
+        return "not yet measured"
+    v = {"lower": "holds", "higher": "does not hold"}.get(c["verdict"], "can't tell")
+    return f"{v if c['n'] >= JUDGE_SEEDS else 'not judged yet'}: ΔFD {fmt_pair(c)}"
+
+
 def fmt_real(cells):
     """The real subset FD of a row: over its seeds, or of its one subset (deterministic methods)."""
     if not cells:
@@ -1106,12 +1114,7 @@ def report(plan):
     for claim, *_ in CLAIMS:
         cells = []
         for name in verdicts:
-            c = verdicts[name].get(claim)
-            if not c or c["n"] < 2:
-                cells.append("not yet measured")
-                continue
-            v = {"lower": "holds", "higher": "does not hold"}.get(c["verdict"], "can't tell")
-            cells.append(f"{v if c['n'] >= JUDGE_SEEDS else 'not judged yet'}: ΔFD {fmt_pair(c)}")
+            cells.append(verdict_cell(verdicts[name].get(claim)))
         V.append(f"| {claim} | " + " | ".join(cells) + " |")
     L[4:4] = ["## Verdict", "", "ΔFD = FD(claimed better row) - FD(other row), paired over seeds, 95% t interval; "
               f"\"holds\" when the interval lies below 0; judged only over at least {JUDGE_SEEDS} seeds.", ""] + V + [""]

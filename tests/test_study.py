@@ -324,6 +324,16 @@ def test_a_difference_is_judged_only_over_five_shared_seeds():
     assert study.word(study.paired(a, b)) == "**lower FD**"
 
 
+def test_the_verdict_table_shows_a_one_seed_difference_unjudged_and_says_not_measured_only_without_a_seed():
+    assert study.verdict_cell(None) == "not yet measured"
+    assert study.verdict_cell(study.paired({}, {0: 1.0})) == "not yet measured"
+    one = study.verdict_cell(study.paired({0: 0.78}, {0: 0.83, 1: 0.9}))  # seed 1 has no partner yet
+    assert one == "not judged yet: ΔFD -0.05 (n=1)"
+    a, b = {s: 1.0 + 0.01 * s for s in range(5)}, {s: 2.0 for s in range(5)}
+    assert study.verdict_cell(study.paired(a, b)).startswith("holds: ΔFD -0.98 [")
+    assert study.verdict_cell(study.paired(b, a)).startswith("does not hold: ΔFD +0.98 [")
+
+
 def test_paired_interval_is_the_t_interval_of_the_per_seed_differences():
     a = {0: 10.0, 1: 12.0, 2: 11.0, 3: 13.0, 4: 9.0}
     b = {0: 11.0, 1: 14.0, 2: 11.5, 3: 15.0, 4: 10.0, 7: 99.0}  # seed 7 has no partner: left out
