@@ -1,9 +1,9 @@
 """
 Bad input, stage by stage, run as a user runs the scripts (each forked from a server that has
-imported torch, numpy and PIL, then run as __main__ with its own argv and environment). Every case must end with a non-zero exit
-status, a last stderr line that starts with `error:` and names the fix, no traceback, no input file
-changed and no output left behind (except a stage's documented resume state, OUT.partial or
-DIR/scores.partial, where the error comes after work has started).
+imported torch, numpy and PIL, then run as __main__ with its own argv and environment). Every case
+must end with a non-zero exit status, a last stderr line that starts with `error:` and names the
+fix, no traceback, no input file changed and no output left behind (except a stage's documented
+resume state, OUT.partial or DIR/scores.partial, where the error comes after work has started).
 
 Each case gets its own folder: the inputs it damages are copies made there, the healthy shared
 inputs live in one folder that is checked unchanged at the end.
