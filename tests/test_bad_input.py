@@ -12,7 +12,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import runpy
 import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
