@@ -429,6 +429,7 @@ def test_a_checkpoint_trained_with_alignment_samples_without_computing_its_proje
         counts.append(fc.get_total_flops())
     assert counts[0] == counts[2] < counts[1]
 
+
 def test_class_balanced_labels_give_each_class_exactly_its_share():
     sys.path.insert(0, ROOT)
     import sample
