@@ -1,21 +1,21 @@
 """
-Bad input, stage by stage, run as a user runs the scripts (each forked from a server that has
-imported torch, numpy and PIL, then run as __main__ with its own argv and environment). Every case
-must end with a non-zero exit status, a last stderr line that starts with `error:` and names the
-fix, no traceback, no input file changed and no output left behind (except a stage's documented
-resume state, OUT.partial or DIR/scores.partial, where the error comes after work has started).
+Bad input, stage by stage, run as a user runs the scripts (each forked from the tests' server that
+has imported torch and the other heavy modules, tests/launch.py, then run as __main__ with its own
+argv and environment). Every case must end with a non-zero exit status, a last stderr line that
+starts with `error:` and names the fix, no traceback, no input file changed and no output left
+behind (except a stage's documented resume state, OUT.partial or DIR/scores.partial, where the
+error comes after work has started).
 
 Each case gets its own folder: the inputs it damages are copies made there, the healthy shared
 inputs live in one folder that is checked unchanged at the end.
 """
 import hashlib
 import json
-import multiprocessing
 import os
 import shutil
+import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -24,6 +24,7 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import launch  # noqa: E402
 import models  # noqa: E402
 
 N, C, S, K = 12, 3, 8, 3     # images, channels (pixel space), size, classes
@@ -317,53 +318,15 @@ def snapshot(folder):
 RESUME_STATE = (".partial", "scores.partial", "score_log.txt")
 
 
-# what `python script argv` does, run in a forked child with its output in two files at the file
-# descriptors (C-level writes land there too); a stdlib target (exec), so the child imports nothing
-# of the tests. An uncaught exception prints its traceback and a SystemExit its message, each
-# exiting 1, as the interpreter does (multiprocessing's bootstrap).
-AS_MAIN = """
-import os, runpy, sys
-os.environ.clear()
-os.environ.update(env)
-os.chdir(root)
-for fd, path in ((1, stdout), (2, stderr)):
-    f = os.open(path, os.O_WRONLY | os.O_TRUNC)
-    os.dup2(f, fd)
-    os.close(f)
-sys.argv = [script, *argv]
-sys.path.insert(0, root)
-runpy.run_path(script, run_name="__main__")
-"""
-
-
-@pytest.fixture(scope="module")
-def forkserver():
-    """The server every case forks from: torch, numpy and PIL imported once, with OMP_NUM_THREADS=1
-    (OpenMP reads it when torch loads it, in the server)."""
-    multiprocessing.set_forkserver_preload(["torch", "numpy", "PIL.Image"])
-    with mock.patch.dict(os.environ, OMP_NUM_THREADS="1"):
-        p = multiprocessing.get_context("forkserver").Process(target=len, args=((),))
-        p.start()
-        p.join()
-
-
-def python(script, argv, env, case):
-    """(exit status, stderr) of `python script argv` run from ROOT. The scripts start as children of
-    one server that imported torch, numpy and PIL once (a fresh interpreter spends ~3 s importing
-    torch, most of each case here), and then import the rest themselves, as at a real start."""
-    ctx = multiprocessing.get_context("forkserver")
-    out, err = case + ".stdout", case + ".stderr"
-    for f in (out, err):
-        open(f, "w").close()
-    p = ctx.Process(target=exec, args=(AS_MAIN, dict(env=env, root=ROOT, stdout=out, stderr=err, script=script,
-                                                     argv=argv)))
-    p.start()
-    p.join(120)
-    if p.exitcode is None:
-        p.kill()
-        p.join()
-    with open(err) as f:
-        return (p.exitcode if p.exitcode is not None else "timed out after 120 s"), f.read()
+def python(script, argv, env):
+    """(exit status, stderr) of `python script argv` run from ROOT, forked from the tests' preloaded
+    server (launch.run: a fresh interpreter spends ~3 s importing torch, most of each case here); the
+    script then imports the rest itself, as at a real start."""
+    try:
+        r = launch.run(script, argv, ROOT, env, timeout=120)
+    except subprocess.TimeoutExpired:
+        return "timed out after 120 s", ""
+    return r.returncode, r.stderr
 
 
 def run_case(name, spec, shared, tmp):
@@ -372,7 +335,7 @@ def run_case(name, spec, shared, tmp):
     os.makedirs(case)
     argv = [str(a) for a in argv_of(shared, case)]
     before = snapshot(case)
-    returncode, stderr = python(script, argv, {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, case)
+    returncode, stderr = python(script, argv, {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     after = snapshot(case)
     changed = [p for p in before if after.get(p) != before[p]]
     added = [p for p in after if p not in before and not any(part.endswith(RESUME_STATE) for part in p.split(os.sep))]
@@ -389,7 +352,7 @@ def run_case(name, spec, shared, tmp):
     return name, problems
 
 
-def test_every_bad_input_ends_in_one_clear_error_and_changes_nothing(shared, forkserver, tmp_path):
+def test_every_bad_input_ends_in_one_clear_error_and_changes_nothing(shared, tmp_path):
     table = cases()
     assert len(table) >= 40
     before = snapshot(shared["root"])

@@ -25,6 +25,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import fid  # noqa: E402
+import launch  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- Frechet distance
@@ -341,8 +342,7 @@ def test_cli_end_to_end_then_from_saved_statistics(tmp_path, weights_file, monke
 
 
 def test_cli_missing_file_exits_nonzero_naming_it(tmp_path):
-    r = subprocess.run([sys.executable, "fid.py", str(tmp_path / "nope.npz"), "--ref", str(tmp_path / "nope.npz")],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = launch.run("fid.py", [tmp_path / "nope.npz", "--ref", tmp_path / "nope.npz"], ROOT, timeout=120)
     assert r.returncode != 0 and "nope.npz" in r.stderr and "does not exist" in r.stderr
 
 
@@ -403,9 +403,9 @@ def snapshot(folder):
 
 
 def run_fid(*argv, env=None):
-    """python fid.py ARGV from the repository root, stdout and stderr in one stream as a terminal shows them."""
-    return subprocess.run([sys.executable, "fid.py", *map(str, argv)], cwd=ROOT, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=120, env=env)
+    """python fid.py ARGV from the repository root (forked from the tests' preloaded server), stdout and
+    stderr in one stream as a terminal shows them."""
+    return launch.run("fid.py", argv, ROOT, env, merge=True, timeout=120)
 
 
 def assert_fails_cleanly(r, before, folder, *names):
@@ -884,8 +884,7 @@ def test_fid_copied_alone_computes_inception_metrics_of_npz_files_and_names_comm
     assert r.returncode == 0, r.stderr
     assert json.load(open(tmp_path / "m.json"))["features"] == "inception"
     save_png(tmp_path / "folder" / "a.png", np.zeros((8, 8, 3), np.uint8))
-    r = subprocess.run([sys.executable, "fid.py", samples, "--ref", str(tmp_path / "folder"), *flags], cwd=alone,
-                       capture_output=True, text=True, timeout=120, env=env)
+    r = launch.run("fid.py", [samples, "--ref", tmp_path / "folder", *flags], alone, env, timeout=120)
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: --ref")
     assert "common.py" in r.stderr and "Traceback" not in r.stderr
 

@@ -2,7 +2,6 @@
 import json
 import os
 import re
-import subprocess
 import sys
 
 import numpy as np
@@ -10,6 +9,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import launch  # noqa: E402
 import select_subset as ss  # noqa: E402
 
 # Tiny case: 24 rows, class 0 on even rows, class 1 on odd rows. Within class c, item j (row
@@ -211,13 +211,13 @@ def make_dataset(path, labels=LABELS, scores=SCORES, flips=False, seed=0):
 
 
 def cli(*args, env=None):
-    return subprocess.Popen([sys.executable, "select_subset.py", *map(str, args)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    """Start `python select_subset.py ARGS` (forked from the tests' preloaded server); finish() waits."""
+    return launch.start("select_subset.py", args, ROOT, env)
 
 
-def finish(proc):
-    out, err = proc.communicate(timeout=120)
-    return proc.returncode, out, err
+def finish(run):
+    r = run(120)
+    return r.returncode, r.stdout, r.stderr
 
 
 def test_cli_interval_writes_indices_and_summary(tmp_path):
