@@ -3,7 +3,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -273,14 +272,14 @@ def test_unusable_image_folder_is_a_clear_error_and_writes_nothing(tmp_path):
         (tmp_path / "hollow" / c).mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "hollow" / "cat" / "x.png")
     before = sorted(os.listdir(tmp_path))
-    runs = {case: subprocess.Popen([sys.executable, "encode.py", "--data-path", str(tmp_path / case), "--out",
-                                    str(tmp_path / f"out_{case}"), "--vae", "none", "--image-size", "8"],
-                                   cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for case in expected}  # at once: each run is mostly the start-up of torch
-    for case, p in runs.items():
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 1, err
-        assert err.strip().splitlines()[-1].startswith(f"error: --data-path {tmp_path / case} {expected[case]}"), err
+    runs = {case: launch.start("encode.py", ["--data-path", tmp_path / case, "--out", tmp_path / f"out_{case}",
+                                             "--vae", "none", "--image-size", 8], ROOT)
+            for case in expected}  # at once: each run is mostly its imports
+    for case, finish in runs.items():
+        r = finish(300)
+        assert r.returncode == 1, r.stderr
+        last = r.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"error: --data-path {tmp_path / case} {expected[case]}"), r.stderr
     assert sorted(os.listdir(tmp_path)) == before
 
 

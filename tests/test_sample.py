@@ -362,11 +362,9 @@ def short_runs(tmp_path_factory):
                "vae": "none", "vae_id": None, "latent_scale": 1.0}, open(data / "meta.json", "w"))
     runs = {}
     for name, extra in (("fixed", []), ("warmup", ["--ema-warmup"])):
-        cmd = script_cmd("train.py") + ["--data-path", str(data), "--results-dir", str(root / name), "--model",
-                                        "SiT-T/4", "--max-steps", "20", "--ema-decay", "0.999", "--global-batch-size",
-                                        "8", "--num-workers", "0", "--ckpt-every", "20", *extra]
-        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+        argv = ["--data-path", data, "--results-dir", root / name, "--model", "SiT-T/4", "--max-steps", 20,
+                "--ema-decay", 0.999, "--global-batch-size", 8, "--num-workers", 0, "--ckpt-every", 20, *extra]
+        p = launch.run("train.py", argv, ROOT, {**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
         assert p.returncode == 0, p.stderr[-3000:]
         runs[name] = str(root / name / "checkpoints" / "0000020.pt")
     return runs

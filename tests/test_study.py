@@ -9,7 +9,6 @@ against a generated IDX file. Then the runner works for real on a user's class f
 held-out folder of generated images (the "small" profile): pilot, selection and report, and a
 second run computes nothing.
 """
-import argparse
 import gzip
 import json
 import os
