@@ -480,7 +480,8 @@ class Plan:
         for n in self.chain(npz):
             kind, t = n.key.split("-")[0], times.get((n.key, "node"))
             if t and kind in ("run", "samples", "scored", "set", "vis") and "(kept scores)" not in t["label"]:
-                seconds[kind] = round(seconds.get(kind, 0) + t["seconds"], 1)
+                sec = t["seconds"] if kind != "run" else max(t["seconds"], train_seconds(run_log(n)))
+                seconds[kind] = round(seconds.get(kind, 0) + sec, 1)
         os.makedirs(os.path.dirname(out), exist_ok=True)
         atomic_save({"key": os.path.basename(out)[:-5], "label": label, "seed": seed, "settings": spec,
                      "metrics": metrics, "seconds": seconds, "commit": commit_id(), "profile": self.args.profile}, out)
@@ -619,6 +620,8 @@ class Runner:
                     self.wake.notify_all()
                 return
             dt = time.time() - t0
+            if node.key.startswith("run-"):  # a training stopped and resumed took all its starts
+                dt = max(dt, train_seconds(run_log(node)))
             record_time(self.plan, node, dt)
             with self.wake:
                 self.running.discard(node.key)
@@ -637,6 +640,31 @@ def record_time(plan, node, seconds, what="node"):
         os.makedirs(plan.cache, exist_ok=True)
         with open(plan.path("times.jsonl"), "a") as f:
             f.write(line + "\n")
+
+
+def run_log(node):
+    """train.py's log.txt of a training node."""
+    return os.path.join(os.path.dirname(os.path.dirname(node.path)), "log.txt")
+
+
+def train_seconds(log):
+    """Seconds a training took over all its starts, from train.py's log.txt: each start (the line
+    naming the parameter count) to the last line before the next one, summed; the steps a stopped
+    run redoes after its last save are counted once. 0 without a log."""
+    import datetime
+    if not os.path.exists(log):
+        return 0
+    total, first, last = 0.0, None, None
+    with open(log) as f:
+        for line in f:
+            if not line.startswith("["):
+                continue
+            t = datetime.datetime.strptime(line[1:20], "%Y-%m-%d %H:%M:%S")
+            if " parameters, " in line:
+                total += (last - first).total_seconds() if first else 0.0
+                first = t
+            last = t
+    return total + ((last - first).total_seconds() if first else 0.0)
 
 
 def read_times(plan):

@@ -291,6 +291,20 @@ def test_dry_run_estimates_trainings_by_seconds_per_step_scorings_per_image_forw
     assert est["scored"] == (len(scorings), pytest.approx(len(scorings) * 1437 * 20 * 0.0495))
 
 
+def test_a_training_stopped_and_resumed_counts_the_seconds_of_all_its_starts(tmp_path):
+    log = tmp_path / "log.txt"
+    log.write_text(
+        "[2026-01-01 00:00:00] SiT-T/4 on d: 600 images, latents (1, 16, 16), 8,893,392 parameters, vis=True\n"
+        "[2026-01-01 00:10:00] step 0000750 loss 0.3\n"
+        "[2026-01-01 00:12:30] saved d/checkpoints/0000750.pt\n"          # stopped 20 min later, redone
+        "Traceback (most recent call last):\n"
+        "[2026-01-01 01:00:00] SiT-T/4 on d: 600 images, latents (1, 16, 16), 8,893,392 parameters, vis=True; "
+        "resumed from d/checkpoints/0000750.pt at step 750\n"
+        "[2026-01-01 01:40:00] step 0003000 loss 0.2\n")
+    assert study.train_seconds(str(log)) == (12 * 60 + 30) + 40 * 60
+    assert study.train_seconds(str(tmp_path / "absent.txt")) == 0
+
+
 def test_dry_run_on_a_new_machine_estimates_trainings_and_samplings_from_the_committed_cells(tmp_path):
     plan = plan_of(tmp_path, dataset="digits", steps=40, profile="small")
     need = study.Runner(plan).needed(study.targets_of(plan, "selection")).values()
