@@ -1267,15 +1267,16 @@ def estimate(plan, nodes):
     for r in read_times(plan).values():
         if r["what"] != "node" or "(kept scores)" in r["label"]:  # a restore copies, it does not score
             continue
-        g = group_of(r["key"], r["label"])
+        g, sec = group_of(r["key"], r["label"]), r["seconds"]
         if g.startswith("run"):
             units = int(re.match(r"train (\d+) steps", r["label"]).group(1))
+            sec = max(sec, train_seconds(plan.path(r["key"], "log.txt")))  # all the starts of a resumed one
         elif g == "scored":
             units = measured_forwards(plan, r["key"])
         else:
             units = 1
         if units:
-            rates.setdefault(g, []).append(r["seconds"] / units)
+            rates.setdefault(g, []).append(sec / units)
     for g, r in cell_rates(plan).items():  # a new machine: what the committed cells say they cost
         rates.setdefault(g, r)
     out = {}

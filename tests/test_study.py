@@ -266,7 +266,7 @@ def test_dry_run_estimates_trainings_by_seconds_per_step_scorings_per_image_forw
     assert runs and samples and any(n.key.startswith("scored-") for n in need)
     os.makedirs(plan.cache, exist_ok=True)
     rec = [("run-a", "train 100 steps seed 0 on x", 50.0), ("run-b", "train 200 steps seed 1 on x", 80.0),
-           ("run-c", "train 100 steps seed 2 on x", 70.0),  # 0.5, 0.4, 0.7 s per step: median 0.5
+           ("run-c", "train 100 steps seed 2 on x", 70.0),  # 0.5 (but see its log), 0.4, 0.7 s per step
            ("samples-a", "sample", 10.0), ("samples-b", "sample", 30.0),  # median 20
            ("scored-a", "score", 99.0),  # 100 images x 20 forwards: 0.0495 s per image-forward
            ("scored-b", "score with x (kept scores)", 1.0)]  # a restore: not a measure of scoring
@@ -274,6 +274,10 @@ def test_dry_run_estimates_trainings_by_seconds_per_step_scorings_per_image_forw
         for key, label, sec in rec:
             f.write(json.dumps({"key": key, "what": "node", "label": label, "seconds": sec}) + "\n")
     os.makedirs(os.path.join(plan.cells, "scores"), exist_ok=True)
+    os.makedirs(plan.path("run-a"))  # run-a was stopped and resumed: 60 s + 40 s over its two starts, not 50
+    with open(plan.path("run-a", "log.txt"), "w") as f:
+        f.write("[2026-01-01 00:00:00] m: 1 parameters, vis\n[2026-01-01 00:01:00] saved\n"
+                "[2026-01-01 00:05:00] m: 1 parameters, vis; resumed\n[2026-01-01 00:05:40] saved\n")
     for key in ("scored-a", "scored-b"):
         with open(os.path.join(plan.cells, "scores", key + ".json"), "w") as f:
             json.dump({"forwards_per_image": 20, "request": {"count": 100}}, f)
@@ -285,7 +289,7 @@ def test_dry_run_estimates_trainings_by_seconds_per_step_scorings_per_image_forw
         json.dump({"count": 1437}, f)  # the parent encoded: every scoring of this table scores all of it
     est = study.estimate(plan, need)
     steps = sum(int(flags(n.cmd("train.py"))["--max-steps"]) for n in runs)
-    assert est["run"] == (len(runs), pytest.approx(0.5 * steps))
+    assert est["run"] == (len(runs), pytest.approx(0.7 * steps))  # 1.0 (all its starts), 0.4, 0.7: median 0.7
     assert est["samples"] == (len(samples), pytest.approx(20.0 * len(samples)))
     # 1437 images x 20 forwards (10 timesteps, antithetic) x 0.0495 s each
     assert est["scored"] == (len(scorings), pytest.approx(len(scorings) * 1437 * 20 * 0.0495))
