@@ -266,7 +266,7 @@ def test_dry_run_estimates_trainings_by_seconds_per_step_scorings_per_image_forw
     assert runs and samples and any(n.key.startswith("scored-") for n in need)
     os.makedirs(plan.cache, exist_ok=True)
     rec = [("run-a", "train 100 steps seed 0 on x", 50.0), ("run-b", "train 200 steps seed 1 on x", 80.0),
-           ("run-c", "train 100 steps seed 2 on x", 70.0),  # 0.5 (but see its log), 0.4, 0.7 s per step
+           ("run-c", "train 100 steps seed 2 on x", 70.0),  # 0.5 (run-a's last start; its log below), 0.4, 0.7
            ("samples-a", "sample", 10.0), ("samples-b", "sample", 30.0),  # median 20
            ("scored-a", "score", 99.0),  # 100 images x 20 forwards: 0.0495 s per image-forward
            ("scored-b", "score with x (kept scores)", 1.0)]  # a restore: not a measure of scoring
