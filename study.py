@@ -657,9 +657,10 @@ def train_seconds(log):
     total, first, last = 0.0, None, None
     with open(log) as f:
         for line in f:
-            if not line.startswith("["):
+            try:  # a line the logger stamped; a message's own further lines are not
+                t = datetime.datetime.strptime(line[:21], "[%Y-%m-%d %H:%M:%S]")
+            except ValueError:
                 continue
-            t = datetime.datetime.strptime(line[1:20], "%Y-%m-%d %H:%M:%S")
             if " parameters, " in line:
                 total += (last - first).total_seconds() if first else 0.0
                 first = t

@@ -301,7 +301,7 @@ def test_a_training_stopped_and_resumed_counts_the_seconds_of_all_its_starts(tmp
         "[2026-01-01 00:00:00] SiT-T/4 on d: 600 images, latents (1, 16, 16), 8,893,392 parameters, vis=True\n"
         "[2026-01-01 00:10:00] step 0000750 loss 0.3\n"
         "[2026-01-01 00:12:30] saved d/checkpoints/0000750.pt\n"          # stopped 20 min later, redone
-        "Traceback (most recent call last):\n"
+        "Traceback (most recent call last):\n[0, 1] a logged message's own second line\n"
         "[2026-01-01 01:00:00] SiT-T/4 on d: 600 images, latents (1, 16, 16), 8,893,392 parameters, vis=True; "
         "resumed from d/checkpoints/0000750.pt at step 750\n"
         "[2026-01-01 01:40:00] step 0003000 loss 0.2\n")
