@@ -480,7 +480,7 @@ class Plan:
         for n in self.chain(npz):
             kind, t = n.key.split("-")[0], times.get((n.key, "node"))
             if t and kind in ("run", "samples", "scored", "set", "vis") and "(kept scores)" not in t["label"]:
-                sec = t["seconds"] if kind != "run" else max(t["seconds"], train_seconds(run_log(n)))
+                sec = t["seconds"] if kind != "run" else max(t["seconds"], train_seconds(run_log(self, n.key)))
                 seconds[kind] = round(seconds.get(kind, 0) + sec, 1)
         os.makedirs(os.path.dirname(out), exist_ok=True)
         atomic_save({"key": os.path.basename(out)[:-5], "label": label, "seed": seed, "settings": spec,
@@ -621,7 +621,7 @@ class Runner:
                 return
             dt = time.time() - t0
             if node.key.startswith("run-"):  # a training stopped and resumed took all its starts
-                dt = max(dt, train_seconds(run_log(node)))
+                dt = max(dt, train_seconds(run_log(self.plan, node.key)))
             record_time(self.plan, node, dt)
             with self.wake:
                 self.running.discard(node.key)
@@ -642,9 +642,9 @@ def record_time(plan, node, seconds, what="node"):
             f.write(line + "\n")
 
 
-def run_log(node):
-    """train.py's log.txt of a training node."""
-    return os.path.join(os.path.dirname(os.path.dirname(node.path)), "log.txt")
+def run_log(plan, key):
+    """train.py's log.txt of the training node `key` (its --results-dir is the node's folder)."""
+    return plan.path(key, "log.txt")
 
 
 def train_seconds(log):
@@ -1271,7 +1271,7 @@ def estimate(plan, nodes):
         g, sec = group_of(r["key"], r["label"]), r["seconds"]
         if g.startswith("run"):
             units = int(re.match(r"train (\d+) steps", r["label"]).group(1))
-            sec = max(sec, train_seconds(plan.path(r["key"], "log.txt")))  # all the starts of a resumed one
+            sec = max(sec, train_seconds(run_log(plan, r["key"])))  # all the starts of a resumed one
         elif g == "scored":
             units = measured_forwards(plan, r["key"])
         else:
