@@ -480,7 +480,7 @@ class Plan:
         for n in self.chain(npz):
             kind, t = n.key.split("-")[0], times.get((n.key, "node"))
             if t and kind in ("run", "samples", "scored", "set", "vis") and "(kept scores)" not in t["label"]:
-                sec = t["seconds"] if kind != "run" else max(t["seconds"], train_seconds(run_log(self, n.key)))
+                sec = node_seconds(self, n.key, t["seconds"])
                 seconds[kind] = round(seconds.get(kind, 0) + sec, 1)
         os.makedirs(os.path.dirname(out), exist_ok=True)
         atomic_save({"key": os.path.basename(out)[:-5], "label": label, "seed": seed, "settings": spec,
@@ -620,8 +620,7 @@ class Runner:
                     self.wake.notify_all()
                 return
             dt = time.time() - t0
-            if node.key.startswith("run-"):  # a training stopped and resumed took all its starts
-                dt = max(dt, train_seconds(run_log(self.plan, node.key)))
+            dt = node_seconds(self.plan, node.key, dt)
             record_time(self.plan, node, dt)
             with self.wake:
                 self.running.discard(node.key)
@@ -645,6 +644,14 @@ def record_time(plan, node, seconds, what="node"):
 def run_log(plan, key):
     """train.py's log.txt of the training node `key` (its --results-dir is the node's folder)."""
     return plan.path(key, "log.txt")
+
+
+def node_seconds(plan, key, recorded):
+    """Seconds node `key` took: `recorded` (one start's), or for a training stopped and resumed the
+    sum over all its starts from its log when that is more."""
+    if not key.startswith("run-"):
+        return recorded
+    return max(recorded, train_seconds(run_log(plan, key)))
 
 
 def train_seconds(log):
@@ -1271,7 +1278,7 @@ def estimate(plan, nodes):
         g, sec = group_of(r["key"], r["label"]), r["seconds"]
         if g.startswith("run"):
             units = int(re.match(r"train (\d+) steps", r["label"]).group(1))
-            sec = max(sec, train_seconds(run_log(plan, r["key"])))  # all the starts of a resumed one
+            sec = node_seconds(plan, r["key"], sec)
         elif g == "scored":
             units = measured_forwards(plan, r["key"])
         else:
