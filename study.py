@@ -13,7 +13,8 @@ Datasets (--dataset):
   DIR            your own: a train class folder (--dataset DIR) and --heldout HELDOUT, a folder
                  with the same class subfolders
 
-Tables (the positional argument; run them in this order, each one answers something on its own):
+Tables (the positional argument; run them in this order, each one answers something on its own;
+several in one command share one queue, so no slot waits for a table's last training):
   pilot        the full data alone, two seeds, held-out FD against steps: the training length of
                every later table is the first checkpoint within 10% of the best (fixed before them)
   reliability  score.py's ranking reliability: split-half and test-retest Spearman of scoring
@@ -48,7 +49,7 @@ each on cpu_count / jobs threads. Ctrl-C stops every stage where it can resume. 
 a table still needs and its time, estimated from what this cache has measured (OUT/cache/times.jsonl)
 or, on a new machine, from the seconds the committed cells record.
 
-    python study.py pilot --dataset fashion-mnist && python study.py selection --dataset fashion-mnist
+    python study.py pilot --dataset fashion-mnist && python study.py selection attach --dataset fashion-mnist
 """
 import argparse
 import gzip
@@ -106,6 +107,7 @@ SCHEMES = {
     "shared, antithetic, 10 timesteps in t >= 0.5": ["--draws", "shared", "--antithetic", "--num-timesteps", 10,
                                                     "--t-range", 0.5, 1],
 }
+TABLES = ["pilot", "reliability", "selection", "attach", "convergence", "scorer"]
 NAMES = {"full": "full data", "random": "random", "min": "min (easiest)", "max": "max (hardest)", "medium": "medium",
          "kcenter": "K-Center", "herding": "herding", "interval": "interval"}
 
@@ -1353,12 +1355,13 @@ def group_of(key, label):
     return kind + (" +vis" if kind == "run" and "+vis" in label else "")
 
 
-def dry_run(plan, table):
-    need = Runner(plan).needed(targets_of(plan, table))
+def dry_run(plan, tables):
+    name = " ".join(tables)
+    need = Runner(plan).needed([t for table in tables for t in targets_of(plan, table)])
     est = estimate(plan, need.values())
     if not need:
-        return print(f"{table}: nothing to do")
-    print(f"{table}: {len(need)} pieces of work to do")
+        return print(f"{name}: nothing to do")
+    print(f"{name}: {len(need)} pieces of work to do")
     for g, (count, sec) in sorted(est.items()):
         print(f"  {g:10s} x {count:4d}  " + ("not estimated" if sec is None else f"{sec / 3600:6.2f} h"))
     known = sum(sec for _, sec in est.values() if sec is not None)
@@ -1367,22 +1370,25 @@ def dry_run(plan, table):
                                                   if any(s is None for _, s in est.values()) else ""))
 
 
-def run_table(plan, table):
+def run_tables(plan, tables):
+    """The tables' pieces in one queue, each table's in its order after the one before it: a piece
+    two tables share runs once, and a slot that one table's last long training leaves idle takes
+    the next table's work."""
     if plan.args.dry_run:
-        return dry_run(plan, table)
+        return dry_run(plan, tables)
     if plan.args.dataset == "fashion-mnist" and not plan.folders().done():
         check_fashion_mnist(plan.args.fmnist_dir)  # before any work starts
     prepare(plan)
     runner = Runner(plan)
-    runner.execute(targets_of(plan, table))
-    print(f"{table}: done in {time.time() - runner.t0:.0f} s ({len(runner.computed)} pieces computed)")
+    runner.execute([t for table in tables for t in targets_of(plan, table)])
+    print(f"{' '.join(tables)}: done in {time.time() - runner.t0:.0f} s ({len(runner.computed)} pieces computed)")
 
 
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("table", choices=["pilot", "reliability", "selection", "attach", "convergence", "scorer", "report",
-                                     "link"])
+    p.add_argument("tables", nargs="+", metavar="table", choices=TABLES + ["report", "link"],
+                   help="one table, or several run as one queue in the order given")
     p.add_argument("--dataset", default="digits", help="digits, fashion-mnist, or your train class folder")
     p.add_argument("--heldout", default=None, help="your held-out class folder (with --dataset FOLDER)")
     p.add_argument("--fmnist-dir", default="/usr/share/datasets/fashion-mnist", help="Fashion-MNIST's IDX files")
@@ -1409,6 +1415,10 @@ def get_parser():
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
+    args.table = args.tables[0]
+    alone = [t for t in ("report", "link") if t in args.tables]
+    if alone and len(args.tables) > 1:
+        raise SystemExit(f"error: {alone[0]} runs on its own: give it without the other tables")
     if args.table == "link":
         return link(args)
     custom = args.dataset not in ("digits", "fashion-mnist")
@@ -1432,7 +1442,7 @@ def main(argv=None):
     try:
         if args.table == "report":
             return report(plan)
-        run_table(plan, args.table)
+        run_tables(plan, args.tables)
     except StageError as e:
         raise SystemExit(f"error: {e}")
     except KeyboardInterrupt:

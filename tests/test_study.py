@@ -237,6 +237,30 @@ def test_convergence_rows_sample_the_selection_and_attach_tables_runs_at_earlier
             assert all(c.key not in {x.key for x in same[name]} for c in cells)
 
 
+def test_several_tables_in_one_command_run_each_ones_pieces_in_turn_and_a_shared_piece_once(tmp_path):
+    plan = plan_of(tmp_path, steps=3000, jobs=1)
+    done = []
+
+    def make(node):  # instead of the stage scripts: the order, and an output that marks it done
+        done.append(node.key)
+        os.makedirs(node.path, exist_ok=True)
+    plan.make = make
+    first = study.Runner(plan).needed(study.targets_of(plan, "attach"))
+    second = study.Runner(plan).needed(study.targets_of(plan, "convergence"))
+    shared = set(first) & set(second)
+    assert shared  # the D2C and attach-alone trainings and their earlier checkpoints
+    study.run_tables(plan, ["attach", "convergence"])
+    assert len(done) == len(set(done)) == len(set(first) | set(second))
+    assert set(done[:len(first)]) == set(first)  # one slot: attach's pieces all before convergence's
+    assert set(done[len(first):]) == set(second) - shared
+
+
+def test_report_is_given_alone_or_says_so(capsys):
+    with pytest.raises(SystemExit) as e:
+        study.main(["selection", "report", "--dataset", "digits"])
+    assert str(e.value) == "error: report runs on its own: give it without the other tables"
+
+
 @pytest.mark.parametrize("steps", [375, 400, 3000, 7])
 def test_every_convergence_point_is_a_checkpoint_that_train_py_writes(tmp_path, steps):
     R = study.Rows(plan_of(tmp_path, steps=steps))
