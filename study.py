@@ -86,7 +86,7 @@ PROFILES = {
         vis_epochs=3, classifier_epochs=None, convergence_points=4, reliability_subset=100),
     "small": dict(                     # every kind of work once: the structure, in a minute (tests)
         image_size=8, model="SiT-T/4", batch=16, lr=1e-3, ema=0.5, pilot_steps=8, pilot_points=2,
-        samples=20, sampler="euler", sample_steps=2, cfg=1.5, seeds=(0, 1), budgets=((3, "~20%"),),
+        samples=20, sampler="euler", sample_steps=2, cfg=1.5, seeds=(0, 1), budgets=((3, "20%"),),
         spans=(0.7,), methods=("random",), prompt="a picture of {}", names=None, vis_epochs=1, classifier_epochs=1,
         convergence_points=1, reliability_subset=None),  # 1: a few-step run's earlier EMA is mostly its init
 }
@@ -240,6 +240,10 @@ class Plan:
             self.z["seeds"] = tuple(args.seeds)
         custom = args.dataset not in ("digits", "fashion-mnist")
         self.num_classes = len([e for e in os.scandir(args.dataset) if e.is_dir()]) if custom else 10
+        if custom:  # a profile's shares are of its own dataset: a user's folder gets its own
+            count = max(1, sum(len(os.listdir(e.path)) for e in os.scandir(args.dataset) if e.is_dir()))
+            self.z["budgets"] = tuple((ipc, f"{100 * ipc * self.num_classes / count:.2g}%")
+                                      for ipc, _ in self.z["budgets"])
         self.z["samples"] -= self.z["samples"] % self.num_classes  # class-balanced sampling
         self.name = args.name
         self.out = os.path.abspath(args.out or os.path.join("study_out", self.name))
@@ -977,6 +981,16 @@ def verdict_cell(c):
     return f"{v if c['n'] >= JUDGE_SEEDS else 'not judged yet'}: ΔFD {fmt_pair(c)}"
 
 
+def verdict_lines(verdicts):
+    """The verdict table, a column per {column: {claim: comparison}}; "-" where a column's budget
+    does not run the claim's table."""
+    V = ["| claim (paper) | " + " | ".join(verdicts) + " |", "|---|" + "---|" * len(verdicts)]
+    for claim, *_ in CLAIMS:
+        cells = [verdict_cell(verdicts[col][claim]) if claim in verdicts[col] else "-" for col in verdicts]
+        V.append(f"| {claim} | " + " | ".join(cells) + " |")
+    return V
+
+
 def fmt_real(cells):
     """The real subset FD of a row: over its seeds, or of its one subset (deterministic methods)."""
     if not cells:
@@ -1006,8 +1020,9 @@ def table_lines(rows, ref, real=None):
 
 
 def report_dataset(plan):
-    """The markdown of one dataset and its claims {claim: comparison}."""
-    z, L, claims = plan.z, [f"## {plan.name}", ""], {}
+    """The markdown of one dataset and its claims at each budget {"IPC n, ~share": {claim: comparison}}:
+    the selection claims at every budget, the attach and convergence claims at the smallest."""
+    z, L, cols = plan.z, [f"## {plan.name}", ""], {}
     points, pcells = pilot_plan(plan)
     steps, fd = pilot_choice(plan)
     L += [f"Settings: {z['model']}, {z['image_size']} px, batch {z['batch']}, lr {z['lr']}, EMA {z['ema']}, "
@@ -1018,7 +1033,7 @@ def report_dataset(plan):
           "| held-out FD | " + " | ".join(fmt_row(values(pcells[p])) for p in points) + " |", "",
           f"Steps of every table: {steps if steps else 'not yet chosen (pilot unfinished)'}.", ""]
     if steps is None:
-        return L, claims
+        return L, {f"IPC {ipc}, ~{share}": {} for ipc, share in z["budgets"]}
     R = Rows(plan)
     floor = values(R.floor())
     L += [f"Real-data floor ({z['samples']} real training images vs the held-out split): {fmt_row(floor)}.", ""]
@@ -1031,9 +1046,9 @@ def report_dataset(plan):
                  if m in sel}
         L += lines + [""] + [f"- {k}: ΔFD {fmt_pair(c)}: {word(c, 'lower FD for interval')}" for k, c in extra.items()]
         L += ["", f"Comparisons in this table: {len(comps) - 1 + len(extra)} (95% intervals, uncorrected).", ""]
-        if i == 0:
-            claims.update({c[0]: (comps.get(c[2]) if c[3] == "random" else extra.get(f"{c[2]} vs {c[3]}"))
-                           for c in CLAIMS if c[1] == "selection"})
+        cols[f"IPC {ipc}, ~{share}"] = {c[0]: (comps.get(c[2]) if c[3] == "random" else extra.get(f"{c[2]} vs {c[3]}"))
+                                        for c in CLAIMS if c[1] == "selection"}
+    claims = next(iter(cols.values()))  # attach and convergence run at the smallest budget
     ipc = z["budgets"][0][0]
     att = R.attach(ipc)
     L += [f"### Attach at IPC {ipc} (interval span {z['spans'][0]})", ""]
@@ -1093,7 +1108,7 @@ def report_dataset(plan):
                                "scorer 100% of the steps")
         L += lines + [""]
         L += scorer_agreement(plan, sc) + [""]
-    return L, claims
+    return L, cols
 
 
 def scorer_agreement(plan, sc):
@@ -1144,18 +1159,14 @@ def report(plan):
             print(f"skipping {name}: its folders are gone ({args.dataset})")
             continue
         plan_ = Plan(args)
-        lines, claims = report_dataset(plan_)
+        lines, cols = report_dataset(plan_)
         L += lines
-        ipc, share = plan_.z["budgets"][0]
-        verdicts[f"{name} (IPC {ipc}, ~{share})"] = claims
-    V = ["| claim (paper) | " + " | ".join(verdicts) + " |", "|---|" + "---|" * len(verdicts)]
-    for claim, *_ in CLAIMS:
-        cells = []
-        for name in verdicts:
-            cells.append(verdict_cell(verdicts[name].get(claim)))
-        V.append(f"| {claim} | " + " | ".join(cells) + " |")
+        verdicts.update({f"{name} ({budget})": claims for budget, claims in cols.items()})
+    V = verdict_lines(verdicts)
     L[4:4] = ["## Verdict", "", "ΔFD = FD(claimed better row) - FD(other row), paired over seeds, 95% t interval; "
-              f"\"holds\" when the interval lies below 0; judged only over at least {JUDGE_SEEDS} seeds.", ""] + V + [""]
+              f"\"holds\" when the interval lies below 0; judged only over at least {JUDGE_SEEDS} seeds. The "
+              "attach and convergence tables run at each dataset's smallest budget only (-: not run there).", ""] \
+        + V + [""]
     os.makedirs(os.path.join(ROOT, "docs"), exist_ok=True)
     atomic_save("\n".join(L) + "\n", os.path.join(ROOT, "docs", "study.md"), "text")
     readme = os.path.join(ROOT, "README.md")

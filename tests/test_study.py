@@ -375,6 +375,20 @@ def test_the_verdict_table_shows_a_one_seed_difference_unjudged_and_says_not_mea
     assert study.verdict_cell(study.paired(b, a)).startswith("does not hold: ΔFD +0.98 [")
 
 
+def test_the_verdict_table_has_a_column_per_budget_and_a_dash_where_a_budget_runs_no_such_table():
+    a, b = {s: 1.0 + 0.1 * s for s in range(5)}, {s: 2.0 + 0.05 * s for s in range(5)}  # d = -1 + 0.05 s
+    first = {c[0]: study.paired(a, b) for c in study.CLAIMS}
+    second = {c[0]: study.paired(b, a) for c in study.CLAIMS if c[1] == "selection"}
+    V = study.verdict_lines({"x (IPC 7, ~5%)": first, "x (IPC 14, ~10%)": second})
+    assert V[0] == "| claim (paper) | x (IPC 7, ~5%) | x (IPC 14, ~10%) |"
+    rows = {line.split(" | ")[0][2:]: line.strip("| ").split(" | ")[1:] for line in V[2:]}
+    assert len(rows) == len(study.CLAIMS)
+    assert rows["Select beats random"][0].startswith("holds: ΔFD -0.90 [")
+    assert rows["Select beats random"][1].startswith("does not hold: ΔFD +0.90 [")
+    assert rows["+ text helps (DC-Embedding)"][1] == "-"  # attach runs at the smallest budget only
+    assert rows["D2C converges faster than random (first checkpoint)"][1] == "-"
+
+
 def test_paired_interval_is_the_t_interval_of_the_per_seed_differences():
     a = {0: 10.0, 1: 12.0, 2: 11.0, 3: 13.0, 4: 9.0}
     b = {0: 11.0, 1: 14.0, 2: 11.5, 3: 15.0, 4: 10.0, 7: 99.0}  # seed 7 has no partner: left out
@@ -477,7 +491,9 @@ def test_the_report_shows_each_rows_mean_fd_over_its_stored_cells_and_the_paired
     args = study.get_parser().parse_args(["report", "--dataset", str(root / "train"), "--heldout", str(root / "heldout"),
                                           "--profile", "small", "--out", str(root / "out"), "--cells", str(root / "cells")])
     args.name = "train-small"
-    lines, claims = study.report_dataset(study.Plan(args))
+    lines, cols = study.report_dataset(study.Plan(args))
+    assert list(cols) == ["IPC 3, ~30%"]  # 3 of the 10 training images of each class
+    claims = cols["IPC 3, ~30%"]
     fd = {}
     for f in user["cells"].glob("cell-*.json"):
         c = json.load(open(f))
