@@ -705,10 +705,24 @@ def paired(a, b):
     if n < 2:
         return {"n": n, "mean": float(d.mean()) if n else float("nan"), "lo": float("nan"), "hi": float("nan"),
                 "verdict": "can't tell"}
-    half = student.ppf(0.975, n - 1) * d.std(ddof=1) / np.sqrt(n)
+    se = d.std(ddof=1) / np.sqrt(n)
+    half = student.ppf(0.975, n - 1) * se
     lo, hi = d.mean() - half, d.mean() + half
-    return {"n": n, "mean": float(d.mean()), "lo": float(lo), "hi": float(hi), "seeds": seeds,
+    p = 2 * student.sf(abs(d.mean()) / se, n - 1) if se > 0 else float(d.mean() == 0)
+    return {"n": n, "mean": float(d.mean()), "lo": float(lo), "hi": float(hi), "seeds": seeds, "p": float(p),
             "verdict": "lower" if hi < 0 else "higher" if lo > 0 else "can't tell"}
+
+
+def holm(comps, alpha=0.05):
+    """The keys of {key: comparison} whose difference Holm's step-down procedure still calls when all
+    of them are tested at once (family-wise error alpha): the i-th smallest p (from 0) is held
+    against alpha / (m - i), stopping at the first that fails."""
+    kept = set()
+    for i, (k, c) in enumerate(sorted(comps.items(), key=lambda kc: kc[1]["p"])):
+        if c["p"] > alpha / (len(comps) - i):
+            break
+        kept.add(k)
+    return kept
 
 
 def summary(values):
@@ -920,7 +934,8 @@ only over at least 5 shared seeds (a table still running shows its comparisons a
 come from the pilot (the first checkpoint whose mean held-out FD is within 10% of the pilot's best);
 budgets, spans and the compared rows are fixed in study.py's PROFILES before any table runs. The intervals
 are per comparison, not corrected for the number of comparisons a table makes (stated under each
-table)."""
+table); under the verdict table, Holm's correction over each column's judged claims says which calls
+survive them being tested together."""
 CLAIMS = (
     ("Select beats random", "selection", "interval, span 0.7", "random"),
     ("Select beats K-Center", "selection", "interval, span 0.7", "K-Center"),
@@ -988,6 +1003,17 @@ def verdict_lines(verdicts):
     for claim, *_ in CLAIMS:
         cells = [verdict_cell(verdicts[col][claim]) if claim in verdicts[col] else "-" for col in verdicts]
         V.append(f"| {claim} | " + " | ".join(cells) + " |")
+    lost = []
+    for col, claims in verdicts.items():  # the family: a column's judged claims
+        judged = {k: c for k, c in claims.items() if c and c["n"] >= JUDGE_SEEDS}
+        called = [k for k, c in judged.items() if c["verdict"] != "can't tell"]
+        kept = holm(judged)
+        if called:
+            out = [k for k in called if k not in kept]
+            lost.append(f"{col}: {len(called) - len(out)} of {len(called)}" + (f" (not: {'; '.join(out)})" if out else ""))
+    if lost:
+        V += ["", "Called differences that stay called when each column's judged claims are tested together "
+                  "(Holm, family-wise 5%): " + ", ".join(lost) + "."]
     return V
 
 

@@ -381,12 +381,20 @@ def test_the_verdict_table_has_a_column_per_budget_and_a_dash_where_a_budget_run
     second = {c[0]: study.paired(b, a) for c in study.CLAIMS if c[1] == "selection"}
     V = study.verdict_lines({"x (IPC 7, ~5%)": first, "x (IPC 14, ~10%)": second})
     assert V[0] == "| claim (paper) | x (IPC 7, ~5%) | x (IPC 14, ~10%) |"
-    rows = {line.split(" | ")[0][2:]: line.strip("| ").split(" | ")[1:] for line in V[2:]}
+    rows = {line.split(" | ")[0][2:]: line.strip("| ").split(" | ")[1:] for line in V[2:2 + len(study.CLAIMS)]}
     assert len(rows) == len(study.CLAIMS)
     assert rows["Select beats random"][0].startswith("holds: ΔFD -0.90 [")
     assert rows["Select beats random"][1].startswith("does not hold: ΔFD +0.90 [")
     assert rows["+ text helps (DC-Embedding)"][1] == "-"  # attach runs at the smallest budget only
     assert rows["D2C converges faster than random (first checkpoint)"][1] == "-"
+    assert V[-1].endswith("(Holm, family-wise 5%): x (IPC 7, ~5%): 13 of 13, x (IPC 14, ~10%): 4 of 4.")
+    c = {s: 1.0 + 0.1 * s for s in range(5)}
+    weak = [study.paired(c, {s: c[s] + d[s] for s in range(5)}) for d in ((0.3, 0.1, 0.1, 0.2, 0.05),
+                                                                          (0.3, 0.05, 0.15, 0.2, 0.05))]
+    assert [round(w["p"], 3) for w in weak] == [0.028, 0.034] and all(w["verdict"] == "lower" for w in weak)
+    # 11 near-certain claims pass; then 0.028 > 0.05 / 2 stops it: both weak ones lose their call
+    V = study.verdict_lines({"x (IPC 7, ~5%)": {**first, "both together help": weak[0], "both beat text alone": weak[1]}})
+    assert V[-1].endswith("x (IPC 7, ~5%): 11 of 13 (not: both together help; both beat text alone).")
 
 
 def test_paired_interval_is_the_t_interval_of_the_per_seed_differences():
@@ -401,6 +409,17 @@ def test_paired_interval_is_the_t_interval_of_the_per_seed_differences():
     assert c["verdict"] == "lower"
     assert study.paired({0: 1.0, 1: 3.0}, {0: 2.0, 1: 2.0})["verdict"] == "can't tell"  # d = -1, +1
     assert study.paired({0: 1.0}, {0: 2.0})["verdict"] == "can't tell"
+    from scipy.stats import ttest_rel  # the paired t test's p: below 0.05 exactly when the interval excludes 0
+    assert c["p"] == pytest.approx(ttest_rel([a[s] for s in range(5)], [b[s] for s in range(5)]).pvalue)
+
+
+def test_holm_holds_the_ith_smallest_p_against_alpha_over_the_tests_left_and_stops_at_the_first_failure():
+    p = lambda **kw: {k: {"p": v} for k, v in kw.items()}  # noqa: E731
+    # m = 4: 0.01 <= 0.05/4; 0.02 > 0.05/3, so 0.03 is not called either, though 0.03 < 0.05/2
+    assert study.holm(p(a=0.01, b=0.02, c=0.03, d=0.2)) == {"a"}
+    assert study.holm(p(a=0.04, b=0.001, c=0.01)) == {"a", "b", "c"}  # 0.001 <= .05/3, 0.01 <= .05/2, 0.04 <= .05
+    assert study.holm(p(a=0.04, b=0.03)) == set()  # 0.03 > 0.05/2
+    assert study.holm({}) == set()
 
 
 
