@@ -1058,8 +1058,9 @@ def report_dataset(plan):
           "| step | " + " | ".join(map(str, points)) + " |", "|---|" + "---|" * len(points),
           "| held-out FD | " + " | ".join(fmt_row(values(pcells[p])) for p in points) + " |", "",
           f"Steps of every table: {steps if steps else 'not yet chosen (pilot unfinished)'}.", ""]
-    if steps is None:
-        return L, {f"IPC {ipc}, ~{share}": {} for ipc, share in z["budgets"]}
+    if steps is None:  # every claim of each budget not yet measured
+        return L, {f"IPC {ipc}, ~{share}": {c[0]: None for c in CLAIMS if i == 0 or c[1] == "selection"}
+                   for i, (ipc, share) in enumerate(z["budgets"])}
     R = Rows(plan)
     floor = values(R.floor())
     L += [f"Real-data floor ({z['samples']} real training images vs the held-out split): {fmt_row(floor)}.", ""]

@@ -397,6 +397,17 @@ def test_the_verdict_table_has_a_column_per_budget_and_a_dash_where_a_budget_run
     assert V[-1].endswith("x (IPC 7, ~5%): 11 of 13 (not: both together help; both beat text alone).")
 
 
+def test_a_dataset_whose_pilot_is_unfinished_shows_every_claim_not_yet_measured(tmp_path):
+    plan = plan_of(tmp_path, dataset="digits")
+    plan.args.steps = None  # and no pilot cells: no training length yet
+    _, cols = study.report_dataset(plan)
+    assert list(cols) == ["IPC 7, ~5%", "IPC 14, ~10%"]
+    V = study.verdict_lines({f"digits ({k})": v for k, v in cols.items()})
+    rows = [line.strip("| ").split(" | ")[1:] for line in V[2:2 + len(study.CLAIMS)]]
+    assert all(r[0] == "not yet measured" for r in rows)
+    assert [r[1] for r in rows] == ["not yet measured" if c[1] == "selection" else "-" for c in study.CLAIMS]
+
+
 def test_paired_interval_is_the_t_interval_of_the_per_seed_differences():
     a = {0: 10.0, 1: 12.0, 2: 11.0, 3: 13.0, 4: 9.0}
     b = {0: 11.0, 1: 14.0, 2: 11.5, 3: 15.0, 4: 10.0, 7: 99.0}  # seed 7 has no partner: left out
