@@ -1241,6 +1241,11 @@ def targets_of(plan, table):
     return out
 
 
+def targets_of_tables(plan, tables):
+    """The nodes of several tables, each table's in its order after the one before it."""
+    return [t for table in tables for t in targets_of(plan, table)]
+
+
 def with_checkpoints(plan, cells):
     """Each cell followed by the convergence table's cells of the same training (samplings of its
     earlier checkpoints, minutes against the training's half hour): taken while the cache holds the
@@ -1395,7 +1400,7 @@ def group_of(key, label):
 
 def dry_run(plan, tables):
     name = " ".join(tables)
-    need = Runner(plan).needed([t for table in tables for t in targets_of(plan, table)])
+    need = Runner(plan).needed(targets_of_tables(plan, tables))
     est = estimate(plan, need.values())
     if not need:
         return print(f"{name}: nothing to do")
@@ -1418,7 +1423,7 @@ def run_tables(plan, tables):
         check_fashion_mnist(plan.args.fmnist_dir)  # before any work starts
     prepare(plan)
     runner = Runner(plan)
-    runner.execute([t for table in tables for t in targets_of(plan, table)])
+    runner.execute(targets_of_tables(plan, tables))
     print(f"{' '.join(tables)}: done in {time.time() - runner.t0:.0f} s ({len(runner.computed)} pieces computed)")
 
 
@@ -1453,11 +1458,10 @@ def get_parser():
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
-    args.table = args.tables[0]
     alone = [t for t in ("report", "link") if t in args.tables]
     if alone and len(args.tables) > 1:
         raise SystemExit(f"error: {alone[0]} runs on its own: give it without the other tables")
-    if args.table == "link":
+    if args.tables == ["link"]:
         return link(args)
     custom = args.dataset not in ("digits", "fashion-mnist")
     if custom and (not os.path.isdir(args.dataset) or not args.heldout or not os.path.isdir(args.heldout)):
@@ -1478,7 +1482,7 @@ def main(argv=None):
     torch.set_num_threads(1)
     plan = Plan(args)
     try:
-        if args.table == "report":
+        if args.tables == ["report"]:
             return report(plan)
         run_tables(plan, args.tables)
     except StageError as e:
